@@ -1,0 +1,126 @@
+"""The inference engine: our own layer loop and greedy decoding (not `model.generate`).
+
+Data flow per sample: the prompt minus its last token is prefilled in `chunk_size` chunks (no LM head), then the
+last prompt token alone (it does its own decoding-style lookup, as the reference's GreedySearch), then greedy
+decoding one token at a time until EOS / an extra stop token / `max_new_tokens`. Positions are explicit and
+absolute; the context method owns each layer's KV state and position scheme.
+
+Supported architectures: Llama, Mistral, Qwen2 (the decoder layers share one structure: input_layernorm ->
+self_attn(q/k/v/o_proj) -> residual -> post_attention_layernorm -> mlp -> residual).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from infllm_eval.methods import ContextMethod, ModelSpec
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    peak_mem_bytes: int
+    stopped_by: str  # "eos" | "max_new_tokens"
+    extra: dict = field(default_factory=dict)
+
+
+def model_spec(model, device, dtype) -> ModelSpec:
+    cfg = model.config
+    H = cfg.num_attention_heads
+    return ModelSpec(
+        n_layers=cfg.num_hidden_layers,
+        n_heads=H,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or H,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // H,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Engine:
+    """Runs one model with one context method. `generate` handles one sample at a time (batch size 1)."""
+
+    def __init__(self, model, method: ContextMethod, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.inner = model.model
+        self.method = method
+        self.device = device
+        self.spec = model_spec(model, device, dtype)
+        method.bind(model, self.spec)
+
+    # -- one forward pass over new tokens ------------------------------------------------------------------------
+    def forward(self, states: list, ids: torch.Tensor, start: int, logits: bool) -> torch.Tensor | None:
+        """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked."""
+        s = self.spec
+        h = self.inner.embed_tokens(ids)  # [1, L, hidden]
+        B, L, _ = h.shape
+        pos = torch.arange(start, start + L, device=self.device)
+        for layer, state in zip(self.inner.layers, states):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, L, s.n_heads, s.head_dim).transpose(1, 2)  # [B, H, L, D]
+            k = attn.k_proj(x).view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)  # [B, H_kv, L, D]
+            v = attn.v_proj(x).view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
+            o = self.method.attend(state, q, k, v, pos)  # [B, H, L, D]
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, L, s.n_heads * s.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not logits:
+            return None
+        return self.model.lm_head(self.inner.norm(h[:, -1:]))[0, -1].float()
+
+    def new_states(self) -> list:
+        return [self.method.new_state(i) for i in range(self.spec.n_layers)]
+
+    @torch.no_grad()
+    def prefill(self, states: list, prompt: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Feeds prompt[:-1] in chunks, then the last token alone; returns the logits after the prompt."""
+        ids = prompt.view(1, -1).to(self.device)
+        n = ids.shape[1]
+        for st in range(0, n - 1, chunk_size):
+            self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
+        return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int, stop_ids: list[int]
+    ) -> Generation:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        states = self.new_states()
+        t0 = time.perf_counter()
+        logits = self.prefill(states, prompt, chunk_size)
+        self._sync()
+        t1 = time.perf_counter()
+        n = int(prompt.numel())
+        tokens: list[int] = []
+        stopped = "max_new_tokens"
+        stop = set(stop_ids)
+        for i in range(max_new_tokens):
+            nxt = int(torch.argmax(logits))
+            if nxt in stop:
+                stopped = "eos"
+                break
+            tokens.append(nxt)
+            if i + 1 == max_new_tokens:
+                break
+            logits = self.forward(states, torch.tensor([[nxt]], device=self.device), n + i, logits=True)
+        self._sync()
+        t2 = time.perf_counter()
+        peak = (
+            torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
+        )
+        return Generation(tokens, t1 - t0, t2 - t1, int(peak), stopped)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

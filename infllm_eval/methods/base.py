@@ -1,0 +1,93 @@
+"""The context-method interface.
+
+The engine runs the model's own modules layer by layer and hands each attention layer's **un-rotated** q/k/v and
+the absolute positions of the new tokens to the method. The method owns that layer's KV state and its position
+scheme, and returns the attention output (before `o_proj`). The engine never checks which method it runs.
+
+A method is one small class: `params` from `conf/method/<name>.yaml`, `validate()` before any weights load,
+`new_state()` per layer per sample, `attend()` per layer per forward call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from infllm_eval.rope import Rope
+
+
+@dataclass
+class ModelSpec:
+    """What a method needs to know about the model it runs on."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ContextMethod:
+    """Base class. Subclasses set `name`, `position_scheme`, and implement `new_state` and `attend`."""
+
+    name: ClassVar[str] = ""
+    position_scheme: ClassVar[str] = ""  # recorded in provenance, e.g. "true" / "fixed-distance" / "in-cache"
+    q_tile: int = 256  # queries per attention tile (bounds the score workspace)
+
+    def __init__(self, **params: Any):
+        self.params = params
+        self.spec: ModelSpec | None = None
+        self.rope: Rope | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise UserError for impossible parameters. Called before any model weights load."""
+
+    def bind(self, model, spec: ModelSpec) -> None:
+        """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
+        self.spec = spec
+        self.rope = Rope(model, base=self.params.get("base"), distance_scale=self.params.get("distance_scale"))
+        self.scale = spec.head_dim**-0.5
+
+    def new_state(self, layer_idx: int) -> Any:
+        raise NotImplementedError
+
+    def attend(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D]."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Resolved parameters and semantics, for provenance and result keys."""
+        return {"name": self.name, "position_scheme": self.position_scheme, **self.params}
+
+
+class KVBuffer:
+    """A growable [B, H_kv, T, D] key/value store written by index (amortised doubling, no torch.cat per step)."""
+
+    def __init__(self, like: torch.Tensor, capacity: int = 1024):
+        B, Hkv, _, D = like.shape
+        self.k = like.new_empty(B, Hkv, capacity, D)
+        self.v = like.new_empty(B, Hkv, capacity, D)
+        self.len = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        if self.len + n > self.k.shape[2]:
+            cap = max(self.len + n, 2 * self.k.shape[2])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
+                new[:, :, : self.len] = old[:, :, : self.len]
+                setattr(self, name, new)
+        self.k[:, :, self.len : self.len + n] = k
+        self.v[:, :, self.len : self.len + n] = v
+        self.len += n
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+
+    def nbytes(self) -> int:
+        return 2 * self.len * self.k[:, :, :1].numel() * self.k.element_size()

@@ -1,0 +1,39 @@
+"""Full attention (`origin` in the InfLLM code), plus the pure-config context extensions NTK and PI.
+
+Every token attends to every earlier token at its true RoPE distance. `base` overrides the rope theta
+(NTK-style extension, e.g. Mistral 1e6 -> 1e7 in `mistral-ntk.yaml`) and `distance_scale` multiplies positions
+(position interpolation, 0.25 = x4 in `mistral-pi.yaml`); the reference pairs both with head+tail truncation
+(first 128 tokens + tail), which is a task/truncation setting, not part of this module.
+
+Departure from the reference: the reference's non-fattn `origin` path forgets the 1/sqrt(d) scaling and the GQA
+repeat (its bug §2.12.5); this module always does both (the reference's configs all used the correct fattn path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infllm_eval.methods.base import ContextMethod, KVBuffer
+from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
+
+
+class FullAttention(ContextMethod):
+    name = "full"
+    position_scheme = "true"
+
+    def new_state(self, layer_idx: int) -> dict:
+        return {"kv": None}
+
+    def attend(self, state, q, k, v, pos):
+        q = self.rope.rotate(q, pos)
+        k = self.rope.rotate(k, pos)
+        if state["kv"] is None:
+            state["kv"] = KVBuffer(k, capacity=max(1024, k.shape[2]))
+        buf: KVBuffer = state["kv"]
+        buf.append(k, v)
+        keys, values = buf.view()
+        k_pos = torch.arange(buf.len, device=q.device)  # tokens are appended in order from position 0
+        out, _ = multi_stage_attention(
+            [Stage(q, keys, values, k_pos=k_pos, band=(0, INF))], q_pos=pos, scale=self.scale, q_tile=self.q_tile
+        )
+        return out

@@ -1,0 +1,49 @@
+"""Rotary position embedding that reuses the model's own rotary module.
+
+Methods own their position scheme (InfLLM puts distant tokens at one fixed distance, StreamingLLM uses in-cache
+positions), so they rotate q/k themselves. `Rope` wraps the model's `rotary_emb` so every rope type the model
+supports (default, llama3, linear, ...) keeps working, and adds the reference's two knobs:
+`base` (rope theta; NTK-style extension) and `distance_scale` (positions are multiplied by it; PI).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rope:
+    def __init__(self, model, base: float | None = None, distance_scale: float | None = None):
+        rotary = model.model.rotary_emb
+        if base is not None:
+            cfg = copy.deepcopy(rotary.config)
+            params = dict(getattr(cfg, "rope_parameters", None) or {})
+            params["rope_theta"] = float(base)
+            cfg.rope_parameters = params
+            rotary = type(rotary)(config=cfg).to(rotary.inv_freq.device)
+        self.rotary = rotary
+        self.distance_scale = 1.0 if distance_scale is None else float(distance_scale)
+        self.base = base
+
+    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for 1-D `positions` [S] -> two tensors [S, D] in fp32 (rotation is done in fp32)."""
+        pos = positions.to(torch.float32) * self.distance_scale if self.distance_scale != 1.0 else positions
+        probe = like.new_empty(0, dtype=torch.float32)
+        cos, sin = self.rotary(probe, pos[None].to(like.device))
+        return cos[0], sin[0]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, H, S, D] by per-position cos/sin [S, D] (or [1, D] for one angle); fp32 math."""
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(positions, x)
+        return self.apply(x, cos, sin)
