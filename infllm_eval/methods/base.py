@@ -35,6 +35,7 @@ class ContextMethod:
 
     name: ClassVar[str] = ""
     position_scheme: ClassVar[str] = ""  # recorded in provenance, e.g. "true" / "fixed-distance" / "in-cache"
+    param_names: ClassVar[tuple[str, ...]] = ("base", "distance_scale")  # accepted keys of `method.params`
     q_tile: int = 256  # queries per attention tile (bounds the score workspace)
 
     def __init__(self, **params: Any):

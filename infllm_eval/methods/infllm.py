@@ -1,0 +1,213 @@
+"""InfLLM: training-free context memory (Xiao et al., arXiv 2402.04617), as the reference code's HEAD does it.
+
+Each layer keeps a local window of the last `n_local` tokens at true RoPE distances, the first `n_init` tokens, and
+memory units of `block_size` evicted tokens. For every execution block of `exc_block_size` queries (every token in
+decoding) the layer scores all units with the block's mean global query against each unit's representative vector
+(mean of the `repr_topk` keys that received the most local attention, per query head; scores summed over heads)
+and attends to the `topk` best units, the initial tokens and the evicted-but-not-yet-packed remainder, all placed
+at one fixed distance (`global_distance`, the code's n_local - 1), in ONE softmax with the local window.
+
+Departures / named options (recorded in provenance via `describe()`):
+- `prefill_mask_fix` (default true): the reference's prefill complement mask uses the wrong offset so, inside an
+  execution block, up to E-1-i of a query's oldest local tokens are attended twice (locally and globally; §2.12.1).
+  `false` reproduces that duplicate attention; decoding is identical either way.
+- `global_distance` (default null = n_local - 1, as the code; the paper's text says n_local).
+- `offload` (auto = on for CUDA): units in host memory, `max_cached_block` device slots with `lru` / `lru-s`.
+- `perhead` (reference option): one selection per query head instead of one per layer.
+- `chunk_topk_calc` (reference option): top-k for several execution blocks at once with the units existing then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from infllm_eval.errors import UserError
+from infllm_eval.methods.base import ContextMethod
+from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
+from infllm_eval.methods.memory import SlidingKV, UnitStore
+
+
+def _positive(params: dict, *keys: str) -> None:
+    for key in keys:
+        v = params.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise UserError(f"method.params.{key} must be a positive integer, got {v!r}.")
+
+
+class InfLLM(ContextMethod):
+    name = "infllm"
+    position_scheme = "local: true distance; init + units + remainder: fixed distance"
+    param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
+                   "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
+                   "global_distance", "prefill_mask_fix", "offload")
+
+    def validate(self) -> None:
+        p = self.params
+        _positive(p, "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block")
+        if not isinstance(p.get("n_init"), int) or p["n_init"] < 0:
+            raise UserError(f"method.params.n_init must be a non-negative integer, got {p.get('n_init')!r}.")
+        if p["n_local"] < p["exc_block_size"]:
+            raise UserError(f"method.params.n_local ({p['n_local']}) must be >= exc_block_size "
+                            f"({p['exc_block_size']}), as in the reference.")
+        if p["repr_topk"] > p["block_size"]:
+            raise UserError(f"method.params.repr_topk ({p['repr_topk']}) must be <= block_size ({p['block_size']}).")
+        if p["max_cached_block"] < p["topk"]:
+            raise UserError(f"method.params.max_cached_block ({p['max_cached_block']}) must be >= topk "
+                            f"({p['topk']}); the reference crashes in that case (set max_cached_block >= topk).")
+        if p.get("cache_strategy") not in ("lru", "lru-s"):
+            raise UserError(f"method.params.cache_strategy must be 'lru' or 'lru-s', got {p.get('cache_strategy')!r}.")
+        if p["cache_strategy"] == "lru-s" and not isinstance(p.get("score_decay"), (int, float)):
+            raise UserError("method.params.score_decay must be a number when cache_strategy is 'lru-s' (e.g. 0.1).")
+        ctc = p.get("chunk_topk_calc")
+        if ctc is not None and (not isinstance(ctc, int) or ctc < p["exc_block_size"]):
+            raise UserError(f"method.params.chunk_topk_calc must be null or an integer >= exc_block_size, got {ctc!r}.")
+        if p.get("offload") not in ("auto", True, False):
+            raise UserError(f"method.params.offload must be auto, true or false, got {p.get('offload')!r}.")
+
+    def bind(self, model, spec) -> None:
+        super().bind(model, spec)
+        p = self.params
+        self.n_local, self.n_init, self.topk = p["n_local"], p["n_init"], p["topk"]
+        self.block_size, self.repr_topk, self.exc = p["block_size"], p["repr_topk"], p["exc_block_size"]
+        self.dist = p["n_local"] - 1 if p.get("global_distance") is None else int(p["global_distance"])
+        self.mask_fix = bool(p.get("prefill_mask_fix", True))
+        self.perhead = bool(p.get("perhead", False))
+        self.offload = spec.device.type == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
+        self.group = spec.n_heads // spec.n_kv_heads
+
+    def describe(self) -> dict:
+        return {**super().describe(), "prefill_mask_fix": bool(self.params.get("prefill_mask_fix", True))}
+
+    def new_state(self, layer_idx: int) -> dict:
+        return {"rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
+
+    # -- one forward call ---------------------------------------------------------------------------------------
+    def attend(self, state: dict, q, k, v, pos):
+        L = q.shape[2]
+        p_first = int(pos[0])
+        if state["rem"] is None:
+            state["rem"] = SlidingKV(k, self.spec.n_heads, capacity=self.n_local + self.block_size + 2 * L + 64)
+            p = self.params
+            state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
+                                       p["cache_strategy"], p.get("score_decay"))
+        rem: SlidingKV = state["rem"]
+        rem.append(k, v)
+        # every global query sits at `dist`; global keys are un-rotated (position 0)
+        q_glob = self.rope.rotate(q, torch.tensor([self.dist], device=q.device))
+        out = q.new_empty(q.shape)
+        plan = None
+        for st in range(0, L, self.exc):
+            ed = min(L, st + self.exc)
+            if plan is None or not plan:
+                plan = self._plan_topk(state, q_glob, st, L)
+            sel = plan.pop(0)
+            out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], q_glob[:, :, st:ed], pos[st:ed],
+                                                p_first + st, p_first + ed, sel)
+            self._append_global(state, p_first + ed)
+        return out
+
+    def _plan_topk(self, state, q_glob, st: int, L: int) -> list:
+        """Unit selections for the next execution block(s): one, or `chunk_topk_calc // exc_block_size` at once."""
+        ctc = self.params.get("chunk_topk_calc")
+        n_blocks = 1 if ctc is None else max(1, ctc // self.exc)
+        blocks = [(s, min(L, s + self.exc)) for s in range(st, min(L, st + n_blocks * self.exc), self.exc)]
+        units: UnitStore = state["units"]
+        if units.n == 0:
+            return [None for _ in blocks]
+        if units.n <= self.topk:  # reference: with no more units than topk, every unit is used
+            every = list(range(units.n))
+            return [torch.arange(units.n).expand(self.spec.n_heads, -1) if self.perhead else every for _ in blocks]
+        qm = torch.stack([q_glob[:, :, s:e].float().mean(dim=2) for s, e in blocks], dim=1)  # [B, nb, H, D]
+        per_head = torch.einsum("bnhd,buhd->bnhu", qm, units.reprs.float())[0]  # [nb, H, U]
+        if self.perhead:
+            idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
+            return [idx[i] for i in range(len(blocks))]
+        idx = per_head.sum(dim=1).topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
+        return idx.tolist()
+
+    def _exec_block(self, state, q_blk, qg_blk, pos_blk, p0: int, p1: int, sel) -> torch.Tensor:
+        """Attention for queries at positions [p0, p1): local window + (units, init, remainder) at fixed distance."""
+        rem: SlidingKV = state["rem"]
+        units: UnitStore = state["units"]
+        # local stage: window-relative positions keep RoPE angles small at any context length
+        w0 = max(p0 - self.n_local + 1, rem.start)
+        k_loc, v_loc = rem.kv(w0, p1)
+        k_pos = torch.arange(w0, p1, device=q_blk.device)
+        q_loc = self.rope.rotate(q_blk, pos_blk - w0)
+        k_loc = self.rope.rotate(k_loc, k_pos - w0)
+        h = self._per_head_layout
+        stages = [Stage(q_loc, h(k_loc), h(v_loc), k_pos=k_pos, band=(0, self.n_local - 1), want_scores=True)]
+        # global stage 1: retrieved units + initial tokens (always visible)
+        gk, gv = [], []
+        if sel is not None:
+            uk, uv = self._gather_perhead(units, sel) if self.perhead else units.gather(sel)
+            gk.append(uk), gv.append(uv)
+        if state["init_len"] > 0:
+            gk.append(h(state["init_k"])), gv.append(h(state["init_v"]))
+        if gk:
+            want = units.offload and self.params["cache_strategy"] == "lru-s" and not self.perhead
+            stages.append(Stage(qg_blk, torch.cat(gk, dim=2), torch.cat(gv, dim=2), want_scores=want))
+        # global stage 2: remainder tokens beyond the window of the block's last query; with the fix, a query
+        # sees only those beyond its own window (distance >= n_local), without it all of them (reference bug)
+        r1 = p1 - self.n_local
+        if r1 > rem.start:
+            rk, rv = rem.kv(rem.start, r1)
+            band = (self.n_local, INF) if self.mask_fix else None
+            stages.append(Stage(qg_blk, h(rk), h(rv), k_pos=torch.arange(rem.start, r1, device=q_blk.device),
+                                band=band))
+        out, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile)
+        loc = scores[0]  # [B, H, window] summed over the block's queries
+        rem.scores(w0, p1).add_(loc)
+        if len(scores) > 1 and scores[1] is not None and sel is not None:
+            n_u = len(sel) * self.block_size
+            mass = scores[1][..., :n_u].sum(dim=(0, 1)).view(len(sel), self.block_size).sum(-1)
+            units.credit(sel, mass)
+        return out
+
+    def _per_head_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """perhead: every stage uses one K/V head per query head (units differ per head); else unchanged (GQA)."""
+        return x.repeat_interleave(self.group, dim=1) if self.perhead and self.group > 1 else x
+
+    def _gather_perhead(self, units: UnitStore, sel: torch.Tensor):
+        """perhead: head h attends to its own units: K/V [B, H, topk*bs, D] (KV heads expanded per query head)."""
+        ks, vs = [], []
+        for h in range(self.spec.n_heads):  # research option (reference: "very time-consuming")
+            k, v = units.gather(sel[h].tolist())
+            kvh = h // self.group
+            ks.append(k[:, kvh : kvh + 1]), vs.append(v[:, kvh : kvh + 1])
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+    def _append_global(self, state: dict, rem_end: int) -> None:
+        """After an execution block ending at `rem_end`: fill the initial tokens, then pack full units."""
+        rem: SlidingKV = state["rem"]
+        units: UnitStore = state["units"]
+        rem_len = rem_end - rem.start
+        if state["init_len"] < self.n_init and rem_len > self.n_local:
+            n = min(self.n_init - state["init_len"], rem_len - self.n_local)
+            k, v = rem.kv(rem.start, rem.start + n)
+            state["init_k"] = k.clone() if state["init_k"] is None else torch.cat([state["init_k"], k], dim=2)
+            state["init_v"] = v.clone() if state["init_v"] is None else torch.cat([state["init_v"], v], dim=2)
+            state["init_len"] += n
+            rem.drop_before(rem.start + n)
+            rem_len -= n
+        while rem_len - self.block_size >= self.n_local:
+            s = rem.start
+            k, v = rem.kv(s, s + self.block_size)
+            units.add(k, v, self._representative(k, rem.scores(s, s + self.block_size)))
+            rem.drop_before(s + self.block_size)
+            rem_len -= self.block_size
+
+    def _representative(self, k: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Per query head: mean of the un-rotated keys of the `repr_topk` tokens with the highest accumulated local
+        attention. k [B, H_kv, bs, D], score [B, H, bs] -> [B, H, D]."""
+        idx = score.topk(self.repr_topk, dim=-1).indices  # [B, H, r]
+        k_h = k.repeat_interleave(self.group, dim=1)  # [B, H, bs, D] (one KV head per query-head group)
+        picked = torch.gather(k_h, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
+        return picked.float().mean(dim=2).to(k.dtype)
+
+    def memory_stats(self, states: list) -> dict[str, Any]:
+        units = [s["units"] for s in states if s["units"] is not None]
+        return {"units": sum(u.n for u in units), "unit_bytes": sum(u.nbytes_host() for u in units),
+                "cache_hits": sum(u.hits for u in units), "cache_misses": sum(u.misses for u in units)}

@@ -1,0 +1,47 @@
+"""What every task hands the engine: `Sample`s (one prompt each) built lazily from cheap `sample_specs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+#: `render(text) -> text`: applies the model's chat template to a user message, or returns it unchanged.
+Render = Callable[[str], str]
+
+
+@dataclass
+class Sample:
+    """One prompt, already tokenized with the model's own tokenizer, plus what scoring needs."""
+
+    sample_id: str  # stable, human-readable: f"{task}-L{length}-d{depth:.2f}-{i}"
+    input_ids: torch.Tensor  # 1-D LongTensor [n], the full prompt (chat template and BOS included)
+    answers: list[str]
+    length: int  # the target length bucket (task.lengths value)
+    depth: float | None  # needle depth in [0, 1]; None for tasks without a needle
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serializable extras, e.g. the key
+    n_input_tokens: int = 0
+    truncated: bool = False  # set by the engine when the prompt had to be cut to fit the model
+    n_dropped: int = 0  # tokens removed by that truncation
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task as the engine sees it. `sample_specs` is cheap; `build` does the tokenization."""
+
+    name: str
+    max_new_tokens: int
+    metric: str  # a name in infllm_eval.metrics.METRICS
+
+    def sample_specs(self) -> list[dict]:
+        """One dict per sample ({"sample_id", "length", "depth", "index"}); no tokenization."""
+        ...
+
+    def build(self, spec: dict) -> Sample:
+        """The Sample for one spec; deterministic given the seed."""
+        ...
+
+    def data_fingerprint(self) -> str:
+        """sha256 hex over everything that determines the prompts and answers, for keying results."""
+        ...

@@ -1,0 +1,85 @@
+"""A slow, obviously-correct dense reference of InfLLM's math (reference code HEAD, correct masking).
+
+It keeps the whole un-rotated K/V history and, for every query, builds its key set explicitly:
+  local   : tokens j with 0 <= i - j < n_local, RoPE at their true positions (query at i)
+  global  : the initial tokens, the tokens of the selected units, and the remainder tokens with i - j >= n_local
+            (without the fix: every remainder token before b1 - n_local), all un-rotated, query rotated at n_local-1
+and takes ONE softmax over the concatenation. Representative scores, unit packing and retrieval follow the
+reference's bookkeeping with plain Python loops. Used only in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infllm_eval.methods.base import ContextMethod
+
+
+class DenseInfLLM(ContextMethod):
+    name = "dense-infllm-reference"
+
+    def new_state(self, layer_idx):
+        return {"k": [], "v": [], "score": None, "units": [], "init_len": 0, "rem_st": 0}
+
+    def attend(self, st, q, k, v, pos):
+        p = self.params
+        n_local, n_init, bs, topk, r, E = (p["n_local"], p["n_init"], p["block_size"], p["topk"], p["repr_topk"],
+                                           p["exc_block_size"])
+        fix = p.get("prefill_mask_fix", True)
+        H, Hkv = q.shape[1], k.shape[1]
+        G = H // Hkv
+        st["k"].append(k[0]), st["v"].append(v[0])
+        K, V = torch.cat(st["k"], dim=1).double(), torch.cat(st["v"], dim=1).double()  # [Hkv, N, D]
+        N = K.shape[1]
+        if st["score"] is None:
+            st["score"] = torch.zeros(H, 0, dtype=torch.float64)
+        st["score"] = torch.cat([st["score"], torch.zeros(H, N - st["score"].shape[1], dtype=torch.float64)], 1)
+        dist = torch.tensor([n_local - 1])
+        rot = lambda x, positions: self.rope.rotate(x[None].float(), torch.as_tensor(positions))[0].double()
+        out = torch.zeros(q.shape[1:], dtype=torch.float64)  # [H, L, D]
+        p0 = int(pos[0])
+        for b0 in range(p0, p0 + q.shape[2], E):
+            b1 = min(p0 + q.shape[2], b0 + E)
+            qb = q[0, :, b0 - p0 : b1 - p0]
+            qg = rot(qb, dist)  # [H, Eb, D]
+            if len(st["units"]) > topk:
+                qm = qg.mean(dim=1)  # [H, D]
+                s = [float((qm * rep).sum()) for _, rep in st["units"]]
+                sel = sorted(sorted(range(len(s)), key=lambda u: -s[u])[:topk])
+            else:
+                sel = list(range(len(st["units"])))
+            for i in range(b0, b1):
+                qi_loc = rot(qb[:, i - b0 : i - b0 + 1], [i])[:, 0]  # [H, D]
+                qi_glob = qg[:, i - b0]
+                loc = list(range(max(0, i - n_local + 1), i + 1))
+                glob = list(range(st["init_len"]))
+                for u in sel:
+                    glob += list(range(st["units"][u][0], st["units"][u][0] + bs))
+                glob += [j for j in range(st["rem_st"], b1 - n_local) if (i - j >= n_local or not fix)]
+                for h in range(H):
+                    kh, vh = K[h // G], V[h // G]
+                    k_loc = rot(kh[loc][None], loc)[0]
+                    logits = [k_loc @ qi_loc[h]]
+                    if glob:
+                        logits.append(kh[glob] @ qi_glob[h])
+                    lg = torch.cat(logits) * self.scale
+                    prob = torch.softmax(lg, dim=0)
+                    out[h, i - p0] = prob @ torch.cat([vh[loc], vh[glob]])
+                    st["score"][h, loc] += prob[: len(loc)]
+            # append_global: initial tokens, then full units
+            rem_len = b1 - st["rem_st"]
+            if st["init_len"] < n_init and rem_len > n_local:
+                n = min(n_init - st["init_len"], rem_len - n_local)
+                st["init_len"] += n
+                st["rem_st"] += n
+                rem_len -= n
+            while rem_len - bs >= n_local:
+                s0 = st["rem_st"]
+                rep = torch.zeros(H, K.shape[2], dtype=torch.float64)
+                for h in range(H):
+                    top = st["score"][h, s0 : s0 + bs].topk(r).indices + s0
+                    rep[h] = K[h // G, top].mean(dim=0)
+                st["units"].append((s0, rep))
+                st["rem_st"] += bs
+                rem_len -= bs
+        return out[None].to(q.dtype)
