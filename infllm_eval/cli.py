@@ -127,7 +127,7 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False)
+        print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; finished samples are saved and the run resumes when re-run.")

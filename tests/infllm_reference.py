@@ -83,3 +83,35 @@ class DenseInfLLM(ContextMethod):
                 st["rem_st"] += bs
                 rem_len -= bs
         return out[None].to(q.dtype)
+
+
+class DenseWindow(ContextMethod):
+    """Dense per-query reference of the two window baselines: query i attends to j in [i-n_local+1, i] at true
+    distance, and to initial tokens j < n_init with i - j >= n_local placed as the method says
+    (`scheme` "in-cache": key j at position j, query at n_local+n_init-1; "ceiling": key at 0, query at n_local-1)."""
+
+    name = "dense-window-reference"
+
+    def new_state(self, layer_idx):
+        return {"k": [], "v": []}
+
+    def attend(self, st, q, k, v, pos):
+        n_local, n_init, scheme = self.params["n_local"], self.params["n_init"], self.params["scheme"]
+        st["k"].append(k[0]), st["v"].append(v[0])
+        K, V = torch.cat(st["k"], 1), torch.cat(st["v"], 1)
+        H, Hkv = q.shape[1], K.shape[0]
+        rot = lambda x, positions: self.rope.rotate(x[None].float(), torch.as_tensor(positions))[0].double()
+        q_at = n_local + n_init - 1 if scheme == "in-cache" else n_local - 1
+        out = torch.zeros(q.shape[1:], dtype=torch.float64)
+        for t, i in enumerate(pos.tolist()):
+            loc = list(range(max(0, i - n_local + 1), i + 1))
+            glob = [j for j in range(min(n_init, i + 1)) if i - j >= n_local]
+            for h in range(H):
+                kh, vh = K[h // (H // Hkv)], V[h // (H // Hkv)]
+                lg = rot(kh[loc][None], loc)[0] @ rot(q[0, h : h + 1, t : t + 1], [i])[0, 0]
+                if glob:
+                    kpos = glob if scheme == "in-cache" else [0] * len(glob)
+                    lg = torch.cat([lg, rot(kh[glob][None], kpos)[0] @ rot(q[0, h : h + 1, t : t + 1], [q_at])[0, 0]])
+                prob = torch.softmax(lg * self.scale, 0)
+                out[h, t] = prob @ torch.cat([vh[loc], vh[glob]]).double()
+        return out[None].to(q.dtype)

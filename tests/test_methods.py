@@ -1,0 +1,201 @@
+"""Exactness and invariants of the context methods on the tiny random-init models (fp32, CPU)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from infllm_eval.engine import Engine
+from infllm_eval.errors import UserError
+from infllm_eval.methods import kernels, make_method
+from infllm_eval.methods.full import FullAttention
+from infllm_eval.methods.infllm import InfLLM
+from infllm_eval.methods.lminfinite import LMInfinite
+from infllm_eval.methods.streamingllm import StreamingLLM
+from infllm_reference import DenseInfLLM, DenseWindow
+
+ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]  # GQA (llama, mistral) and non-GQA (qwen2)
+SMALL = dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32, max_cached_block=4,
+             cache_strategy="lru", score_decay=None, chunk_topk_calc=None, perhead=False, base=None,
+             distance_scale=None, global_distance=None, prefill_mask_fix=True, offload=False)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str):
+    from infllm_eval.config import compose
+    from infllm_eval.models import load_model
+
+    return load_model(compose([f"model={name}"]).model, device="cpu", dtype="float32").model
+
+
+def prompt(model, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n,), generator=g)
+
+
+def run(model, method, ids, chunk_size, new_tokens=6):
+    """-> (logits after the prompt, greedy tokens)"""
+    eng = Engine(model, method, torch.device("cpu"), torch.float32)
+    logits = eng.prefill(eng.new_states(), ids, chunk_size)
+    return logits, eng.generate(ids, new_tokens, chunk_size, stop_ids=[]).tokens
+
+
+def hf_greedy(model, ids, n):
+    """The unpatched model: full recompute per step (no cache), argmax."""
+    x = ids[None]
+    out = []
+    with torch.no_grad():
+        logits0 = model(x).logits[0, -1]
+        for _ in range(n):
+            t = int(model(x).logits[0, -1].argmax())
+            out.append(t)
+            x = torch.cat([x, torch.tensor([[t]])], 1)
+    return logits0, out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk", [1, 13, 64, 1000])
+def test_full_reproduces_unpatched_model(arch, chunk):
+    m = tiny(arch)
+    ids = prompt(m, 150)
+    ref_logits, ref_tokens = hf_greedy(m, ids, 8)
+    logits, tokens = run(m, FullAttention(), ids, chunk, 8)
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", [
+    InfLLM(**dict(SMALL, n_local=512, exc_block_size=64)),
+    StreamingLLM(n_init=8, n_local=512),
+    LMInfinite(n_init=8, n_local=512),
+])
+def test_window_covering_input_equals_full(arch, method):
+    m = tiny(arch)
+    ids = prompt(m, 300)
+    full_logits, full_tokens = run(m, FullAttention(), ids, 64)
+    logits, tokens = run(m, method, ids, 64)
+    assert (logits - full_logits).abs().max() <= 1e-4
+    assert tokens == full_tokens
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("fix", [True, False])
+@pytest.mark.parametrize("chunk", [32, 96, 299])
+def test_infllm_matches_dense_reference(arch, fix, chunk):
+    """Input ~5x n_local: units are packed, retrieved, and the remainder is attended; prefill and decoding."""
+    m = tiny(arch)
+    ids = prompt(m, 300, seed=1)
+    params = dict(SMALL, prefill_mask_fix=fix)
+    logits, tokens = run(m, InfLLM(**params), ids, chunk)
+    ref_logits, ref_tokens = run(m, DenseInfLLM(**params), ids, chunk)
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    assert tokens == ref_tokens
+    full_logits, _ = run(m, FullAttention(), ids, chunk)
+    assert (logits - full_logits).abs().max() > 1e-3  # the memory really is in play
+
+
+def test_prefill_mask_bug_changes_outputs_and_fix_is_chunk_independent():
+    m = tiny("tiny-llama")
+    ids = prompt(m, 300, seed=2)
+    fixed = [run(m, InfLLM(**SMALL), ids, c)[0] for c in (32, 96, 299)]
+    assert all((f - fixed[0]).abs().max() <= 1e-5 for f in fixed)
+    buggy, _ = run(m, InfLLM(**dict(SMALL, prefill_mask_fix=False)), ids, 32)
+    assert (buggy - fixed[0]).abs().max() > 1e-4
+    assert InfLLM(**dict(SMALL, prefill_mask_fix=False)).describe()["prefill_mask_fix"] is False
+
+
+@pytest.mark.parametrize("scheme,cls", [("in-cache", StreamingLLM), ("ceiling", LMInfinite)])
+@pytest.mark.parametrize("chunk", [17, 299])
+def test_window_methods_match_dense_reference(scheme, cls, chunk):
+    m = tiny("tiny-llama")
+    ids = prompt(m, 200, seed=3)
+    logits, tokens = run(m, cls(n_init=8, n_local=48), ids, chunk)
+    ref_logits, ref_tokens = run(m, DenseWindow(n_init=8, n_local=48, scheme=scheme), ids, chunk)
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("policy", [dict(cache_strategy="lru"), dict(cache_strategy="lru-s", score_decay=0.1)])
+@pytest.mark.parametrize("slots", [3, 5, 40])
+def test_cache_policy_and_size_change_speed_not_outputs(policy, slots):
+    m = tiny("tiny-llama")
+    ids = prompt(m, 400, seed=4)
+    base_logits, base_tokens = run(m, InfLLM(**SMALL), ids, 64)
+    method = InfLLM(**dict(SMALL, offload=True, max_cached_block=slots, **policy))
+    eng = Engine(m, method, torch.device("cpu"), torch.float32)
+    states = eng.new_states()
+    logits = eng.prefill(states, ids, 64)
+    stats = method.memory_stats(states)
+    assert stats["cache_misses"] > 0  # the offload path really ran
+    assert torch.equal(logits, base_logits)
+    assert run(m, method, ids, 64)[1] == base_tokens
+
+
+def test_perhead_equals_shared_selection_when_every_unit_fits():
+    m = tiny("tiny-llama")
+    ids = prompt(m, 200, seed=5)
+    many = dict(SMALL, topk=20, max_cached_block=20)  # <= 20 units exist: all are used either way
+    a, _ = run(m, InfLLM(**many), ids, 64)
+    b, _ = run(m, InfLLM(**dict(many, perhead=True)), ids, 64)
+    assert (a - b).abs().max() <= 1e-5
+    c, _ = run(m, InfLLM(**dict(SMALL, perhead=True)), ids, 64)  # real per-head retrieval runs and differs
+    assert torch.isfinite(c).all() and (c - a).abs().max() > 1e-5
+
+
+def test_chunk_topk_calc_is_stale_by_design_but_runs():
+    m = tiny("tiny-llama")
+    ids = prompt(m, 400, seed=6)
+    a, _ = run(m, InfLLM(**SMALL), ids, 128)
+    b, _ = run(m, InfLLM(**dict(SMALL, chunk_topk_calc=128)), ids, 128)
+    assert torch.isfinite(b).all()
+    same, _ = run(m, InfLLM(**dict(SMALL, chunk_topk_calc=32)), ids, 128)  # one block at a time = default
+    assert torch.equal(a, same)
+
+
+@pytest.mark.parametrize("method,bounded", [
+    (InfLLM(**SMALL), True), (StreamingLLM(n_init=8, n_local=64), True), (LMInfinite(n_init=8, n_local=64), True),
+    (FullAttention(), False),
+])
+def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
+    """Largest score workspace (query tile x keys of all stages) inside attention, at two context lengths."""
+    m = tiny("tiny-llama")
+    seen = []
+    real = kernels.multi_stage_attention
+
+    def spy(stages, q_pos, scale, q_tile=256):
+        seen.append(min(q_tile, stages[0].q.shape[2]) * sum(s.k.shape[2] for s in stages))
+        return real(stages, q_pos, scale, q_tile)
+
+    for mod in ("infllm_eval.methods.infllm", "infllm_eval.methods.window", "infllm_eval.methods.full"):
+        monkeypatch.setattr(f"{mod}.multi_stage_attention", spy)
+    peaks = []
+    for n in (600, 1800):
+        seen.clear()
+        run(m, method, prompt(m, n), 64, new_tokens=2)
+        peaks.append(max(seen))
+    assert (peaks[1] == peaks[0]) if bounded else (peaks[1] > 2 * peaks[0])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(n_local=16, exc_block_size=32), "exc_block_size"),
+    (dict(topk=8, max_cached_block=4), "max_cached_block"),
+    (dict(repr_topk=32, block_size=16), "repr_topk"),
+    (dict(block_size=0), "block_size"),
+    (dict(n_local=-5), "n_local"),
+    (dict(cache_strategy="fifo"), "cache_strategy"),
+    (dict(cache_strategy="lru-s", score_decay=None), "score_decay"),
+])
+def test_invalid_infllm_parameters_rejected(bad, match):
+    cfg = {"name": "infllm", "impl": "infllm_eval.methods.infllm:InfLLM", "params": dict(SMALL, **bad)}
+    with pytest.raises(UserError, match=match):
+        make_method(cfg)
+
+
+def test_unknown_method_parameter_rejected():
+    cfg = {"name": "streamingllm", "impl": "infllm_eval.methods.streamingllm:StreamingLLM",
+           "params": {"n_init": 4, "n_local": 64, "topk": 3}}
+    with pytest.raises(UserError, match="topk"):
+        make_method(cfg)
