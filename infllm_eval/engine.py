@@ -43,6 +43,20 @@ def model_spec(model, device, dtype) -> ModelSpec:
     )
 
 
+def _keep_freed_memory_on_cpu() -> None:
+    """glibc hands large freed buffers back to the OS, so every large temporary of the attention tiles page-faults
+    again on its next use. Raising the mmap and trim thresholds keeps them in the heap (measured: ~2x faster
+    InfLLM prefill on CPU). Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_; no-op off glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -56,9 +70,12 @@ class Engine:
         self.method = method
         self.device = device
         self.spec = model_spec(model, device, dtype)
+        if device.type == "cpu":
+            _keep_freed_memory_on_cpu()
         method.bind(model, self.spec)
 
     # -- one forward pass over new tokens ------------------------------------------------------------------------
+    @torch.no_grad()
     def forward(self, states: list, ids: torch.Tensor, start: int, logits: bool) -> torch.Tensor | None:
         """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked."""
         s = self.spec

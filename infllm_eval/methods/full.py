@@ -32,8 +32,6 @@ class FullAttention(ContextMethod):
         buf: KVBuffer = state["kv"]
         buf.append(k, v)
         keys, values = buf.view()
-        k_pos = torch.arange(buf.len, device=q.device)  # tokens are appended in order from position 0
-        out, _ = multi_stage_attention(
-            [Stage(q, keys, values, k_pos=k_pos, band=(0, INF))], q_pos=pos, scale=self.scale, q_tile=self.q_tile
-        )
+        stage = Stage(q, keys, values, k_start=0, band=(0, INF))  # keys sit at positions 0..len-1
+        out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile)
         return out

@@ -138,7 +138,7 @@ class InfLLM(ContextMethod):
         q_loc = self.rope.rotate(q_blk, pos_blk - w0)
         k_loc = self.rope.rotate(k_loc, k_pos - w0)
         h = self._per_head_layout
-        stages = [Stage(q_loc, h(k_loc), h(v_loc), k_pos=k_pos, band=(0, self.n_local - 1), want_scores=True)]
+        stages = [Stage(q_loc, h(k_loc), h(v_loc), k_start=w0, band=(0, self.n_local - 1), want_scores=True)]
         # global stage 1: retrieved units + initial tokens (always visible)
         gk, gv = [], []
         if sel is not None:
@@ -155,7 +155,7 @@ class InfLLM(ContextMethod):
         if r1 > rem.start:
             rk, rv = rem.kv(rem.start, r1)
             band = (self.n_local, INF) if self.mask_fix else None
-            stages.append(Stage(qg_blk, h(rk), h(rv), k_pos=torch.arange(rem.start, r1, device=q_blk.device),
+            stages.append(Stage(qg_blk, h(rk), h(rv), k_start=rem.start,
                                 band=band))
         out, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile)
         loc = scores[0]  # [B, H, window] summed over the block's queries

@@ -53,12 +53,12 @@ class WindowMethod(ContextMethod):
         k_loc, v_loc = win.kv(w0, p1)
         k_pos = torch.arange(w0, p1, device=q.device)
         stages = [Stage(self.rope.rotate(q, pos - w0), self.rope.rotate(k_loc, k_pos - w0), v_loc,
-                        k_pos=k_pos, band=(0, self.n_local - 1))]
+                        k_start=w0, band=(0, self.n_local - 1))]
         if state["init_len"] > 0 and p1 - 1 >= self.n_local:  # some query has init tokens beyond its window
             q_at, k_at = self.init_positions(q.device)
             ik = self.rope.rotate(state["init_k"], k_at[: state["init_len"]])
             stages.append(Stage(self.rope.rotate(q, q_at), ik, state["init_v"],
-                                k_pos=torch.arange(state["init_len"], device=q.device), band=(self.n_local, INF)))
+                                k_start=0, band=(self.n_local, INF)))
         out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile)
         win.drop_before(p1 - self.n_local + 1)  # the next query's window starts here at the earliest
         return out
