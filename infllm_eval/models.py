@@ -125,6 +125,9 @@ def load_model(model_cfg: Any, device: str, dtype: str) -> LoadedModel:
     cfg = _as_dict(model_cfg)
     _validate_cfg(cfg)
     dev, torch_dtype = resolve_device_dtype(device, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one a user watches
     loaders = {"gguf_package": _load_gguf_package, "tiny": _load_tiny, "hub": _load_hub}
     model, tokenizer, weights_identity = loaders[cfg["source"]](cfg, torch_dtype)
     _check_arch_matches(cfg, model.config)

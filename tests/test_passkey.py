@@ -250,7 +250,7 @@ def test_answer_prefix_only_when_asked(any_tok: Any) -> None:
     assert plain.endswith("\n\nWhat is the pass key?")
     assert with_prefix.endswith("\n\nWhat is the pass key? The pass key is")
     wrapped = prompt(make(any_tok, inst, answer_prefix=True))
-    assert wrapped.endswith("What is the pass key? The pass key is [/INST]")
+    assert wrapped.endswith("What is the pass key? [/INST]The pass key is")  # prefix opens the answer turn
 
 
 def test_profiles_set_max_new_tokens(bpe: Any) -> None:

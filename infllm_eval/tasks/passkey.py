@@ -240,11 +240,12 @@ class PasskeyTask:
 
     def _render_skeleton(self, render: Render) -> tuple[str, str]:
         """Fill the template with a placeholder context, apply `render`, split at the placeholder."""
-        query = self.question
-        if self.use_answer_prefix and self.answer_prefix:
-            query = f"{query} {self.answer_prefix}"
-        skeleton = self.template.replace("{context}", CONTEXT_PLACEHOLDER).replace("{input}", query)
+        skeleton = self.template.replace("{context}", CONTEXT_PLACEHOLDER).replace("{input}", self.question)
         rendered = render(skeleton)
+        if self.use_answer_prefix and self.answer_prefix:
+            # plain prompt: "... What is the pass key? The pass key is"; with a chat template the prefix opens the
+            # assistant's turn (after the generation prompt), where the model's answer starts
+            rendered += f" {self.answer_prefix}" if rendered == skeleton else self.answer_prefix
         if rendered.count(CONTEXT_PLACEHOLDER) != 1:
             raise UserError(
                 f"The chat template altered the {self.name} prompt so its context can no longer be located; "
