@@ -89,10 +89,11 @@ def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size) -> 
     try:
         sample = task.build(spec)
         rec.update(n_input_tokens=sample.n_input_tokens, truncated=sample.truncated, n_dropped=sample.n_dropped,
-                   answers=sample.answers, meta=sample.meta)
+                   answers=sample.answers, meta=sample.meta,
+                   score_fields=sample.score_fields or None)
         g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids)
         pred = tokenizer.decode(g.tokens, skip_special_tokens=False)
-        rec.update(prediction=pred, score=float(metric(pred, sample.answers)), prefill_s=round(g.prefill_s, 4),
+        rec.update(prediction=pred, score=float(metric(pred, sample.answers, **sample.score_fields)), prefill_s=round(g.prefill_s, 4),
                    decode_s=round(g.decode_s, 4), new_tokens=len(g.tokens), stopped_by=g.stopped_by,
                    peak_mem_bytes=g.peak_mem_bytes)
     except (torch.OutOfMemoryError, MemoryError) as e:

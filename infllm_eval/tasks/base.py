@@ -21,6 +21,8 @@ class Sample:
     length: int  # the target length bucket (task.lengths value)
     depth: float | None  # needle depth in [0, 1]; None for tasks without a needle
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serializable extras, e.g. the key
+    #: extra keyword arguments for the task's metric (e.g. LongBench `all_classes`, ∞-Bench `options`)
+    score_fields: dict[str, Any] = field(default_factory=dict)
     n_input_tokens: int = 0
     truncated: bool = False  # set by the engine when the prompt had to be cut to fit the model
     n_dropped: int = 0  # tokens removed by that truncation
