@@ -51,11 +51,15 @@ def _tile_mask(q0: int, q1: int, k0: int, k1: int, band, device) -> torch.Tensor
     return ok
 
 
-def _single_stage_sdpa(st: Stage, p0: int, scale: float, q_tile: int) -> torch.Tensor:
+SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
+
+
+def _single_stage_sdpa(st: Stage, p0: int, scale: float) -> torch.Tensor:
     """Fast path (no scores wanted, one stage): torch SDPA per query tile over the visible keys only."""
     import torch.nn.functional as F
 
     L, T = st.q.shape[2], st.k.shape[2]
+    q_tile = SDPA_Q_TILE
     out = torch.empty_like(st.q)
     for s in range(0, L, q_tile):
         e = min(L, s + q_tile)
@@ -67,62 +71,113 @@ def _single_stage_sdpa(st: Stage, p0: int, scale: float, q_tile: int) -> torch.T
     return out
 
 
+def _fused_cpu_ok(st: Stage) -> bool:
+    """An unmasked stage can go through the fused CPU flash kernel: it returns the row log-sum-exp, so its softmax
+    joins the others exactly (its scores, when wanted, are recomputed from the joint log-sum-exp)."""
+    return (st.band is None and st.q.device.type == "cpu" and st.k.shape[2] > 0
+            and st.q.dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.aten,
+                                                                         "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked stage through the fused kernel: (output [B, H, L, D] fp32, log-sum-exp [B, H, L] fp32).
+    The G query heads of a KV group share its keys, so they are folded into the query axis (no K/V expansion)."""
+    B, H, L, D = st.q.shape
+    H_kv = st.k.shape[1]
+    G = H // H_kv
+    q = st.q.reshape(B, H_kv, G * L, D)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, st.k, st.v, scale=scale)[:2]
+    return o.float().reshape(B, H, L, D), lse.float().reshape(B, H, L)
+
+
 def multi_stage_attention(
-    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 256
+    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Joint-softmax attention over `stages`; returns output [B, H, L, D] and, per stage, the summed
     probabilities [B, H, T] (or None). Math is fp32. Query positions are contiguous (q_pos[0] + arange(L)) and so
     are each banded stage's key positions; per tile only the keys a band can make visible are computed, and the
     mask is applied only where a tile straddles a band edge. Every query must see at least one key (the methods
-    always put the query itself in the first stage)."""
+    always put the query itself in the first stage).
+
+    On CPU, stages with neither a band nor wanted scores (InfLLM's retrieved units + initial tokens) go through the
+    fused flash kernel and join the softmax through their log-sum-exp; the others are computed per query tile with
+    the normalisation deferred to the [tile, D] output."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
     G = H // H_kv
     p0 = int(q_pos[0])
-    out = q0.new_empty(B, H, L, D)
     scores_out = [
         torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=q0.device) if st.want_scores else None
         for st in stages
     ]
     if len(stages) == 1 and not stages[0].want_scores:
-        return _single_stage_sdpa(stages[0], p0, scale, q_tile), scores_out
-    qs = [st.q.float() * scale for st in stages]
-    ks = [st.k.float() for st in stages]
-    vs = [st.v.float() for st in stages]
+        return _single_stage_sdpa(stages[0], p0, scale), scores_out
+    fused = [i for i, st in enumerate(stages) if i > 0 and _fused_cpu_ok(st)]
+    o_f = lse_f = None
+    for i in fused:  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
+        o_i, lse_i = _fused_stage(stages[i], scale)
+        if o_f is None:
+            o_f, lse_f = o_i, lse_i
+        else:
+            new = torch.logaddexp(lse_f, lse_i)
+            o_f = o_f * (lse_f - new).exp_()[..., None] + o_i * (lse_i - new).exp_()[..., None]
+            lse_f = new
+    rest = [i for i in range(len(stages)) if i not in fused]
+    out = q0.new_empty(B, H, L, D)
+    qs = {i: stages[i].q.float() * scale for i in rest}
+    ks = {i: stages[i].k.float() for i in rest}
+    vs = {i: stages[i].v.float() for i in rest}
     for s in range(0, L, q_tile):
         e = min(L, s + q_tile)
         tq = e - s
-        logits, spans = [], []
-        for i, st in enumerate(stages):
+        logits, spans = {}, {}
+        for i in rest:
+            st = stages[i]
             T = st.k.shape[2]
             a, b = (0, T) if st.band is None else _visible_range(p0 + s, p0 + e - 1, st.k_start, T, st.band)
-            spans.append((a, b))
+            spans[i] = (a, b)
+            if b == a:
+                continue
             qt = qs[i][:, :, s:e].reshape(B, H_kv, G * tq, D)
             lg = torch.matmul(qt, ks[i][:, :, a:b].transpose(-1, -2)).view(B, H_kv, G, tq, b - a)
-            if st.band is not None and b > a:
+            if st.band is not None:
                 ok = _tile_mask(p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band, q0.device)
                 if ok is not None:  # the tile straddles a band edge
                     lg.masked_fill_(~ok, -INF)
-            logits.append(lg)
+            logits[i] = lg
         # one softmax over all stages without concatenating them: shared row max, in-place exp, shared sum
-        m = torch.stack([lg.amax(dim=-1) for lg in logits if lg.shape[-1]]).amax(dim=0, keepdim=False)[..., None]
-        denom = None
-        for lg in logits:
-            if lg.shape[-1]:
-                lg.sub_(m).exp_()
-                rs = lg.sum(dim=-1, keepdim=True)
-                denom = rs if denom is None else denom.add_(rs)
-        inv = denom.reciprocal_()
-        acc = None
-        for i, st in enumerate(stages):
+        m = torch.stack([lg.amax(dim=-1) for lg in logits.values()]).amax(dim=0)  # [B, H_kv, G, tq]
+        lse_t = None
+        if o_f is not None:
+            lse_t = lse_f[:, :, s:e].reshape(B, H_kv, G, tq)
+            m = torch.maximum(m, lse_t)
+        m = m[..., None]
+        denom = acc = None
+        for i, lg in logits.items():
             a, b = spans[i]
-            if b == a:
-                continue
-            pi = logits[i].mul_(inv)  # probabilities of this stage's keys [B, H_kv, G, tq, b-a]
-            o = torch.matmul(pi.view(B, H_kv, G * tq, b - a), vs[i][:, :, a:b])
+            lg.sub_(m).exp_()  # unnormalised probabilities
+            rs = lg.sum(dim=-1, keepdim=True)
+            denom = rs if denom is None else denom.add_(rs)
+            o = torch.matmul(lg.view(B, H_kv, G * tq, b - a), vs[i][:, :, a:b])
             acc = o if acc is None else acc.add_(o)
-            if scores_out[i] is not None:
-                scores_out[i][:, :, a:b] += pi.sum(dim=3).reshape(B, H, b - a)
-        out[:, :, s:e] = acc.view(B, H_kv, G, tq, D).reshape(B, H, tq, D).to(out.dtype)
+        acc = acc.view(B, H_kv, G, tq, D)
+        if o_f is not None:
+            w = (lse_t[..., None] - m).exp_()  # weight of the fused stages [B, H_kv, G, tq, 1]
+            denom = denom.add_(w)
+            acc = acc.add_(o_f[:, :, s:e].reshape(B, H_kv, G, tq, D) * w)
+        for i in fused:
+            if scores_out[i] is not None:  # e.g. lru-s credit: probabilities from the joint log-sum-exp
+                st = stages[i]
+                lse_all = m + denom.log()  # [B, H_kv, G, tq, 1]
+                qt = (st.q[:, :, s:e].float() * scale).reshape(B, H_kv, G * tq, D)
+                p = torch.matmul(qt, st.k.float().transpose(-1, -2)).view(B, H_kv, G, tq, -1).sub_(lse_all).exp_()
+                scores_out[i] += p.sum(dim=3).reshape(B, H, -1)
+        inv = denom.reciprocal_()  # [B, H_kv, G, tq, 1]
+        for i, lg in logits.items():
+            if scores_out[i] is not None:  # sum over the tile's queries of the normalised probabilities
+                a, b = spans[i]
+                sc = torch.matmul(inv.transpose(-1, -2), lg)  # [B, H_kv, G, 1, b-a]
+                scores_out[i][:, :, a:b] += sc.view(B, H, b - a)
+        out[:, :, s:e] = acc.mul_(inv).reshape(B, H, tq, D).to(out.dtype)
     return out, scores_out
