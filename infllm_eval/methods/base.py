@@ -60,9 +60,37 @@ class ContextMethod:
         """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D]."""
         raise NotImplementedError
 
+    # -- accounting for `infllm-eval bench` ---------------------------------------------------------------------
+    def attended_keys(self, p: int) -> int:
+        """How many keys the query at absolute position p attends to (the attention work this method does)."""
+        return p + 1
+
+    def kv_bytes(self, states: list) -> dict[str, int]:
+        """Bytes of K/V state held on the compute device and offloaded to host memory, over all layers."""
+        return {"device": sum(_tensor_bytes(s) for s in states), "offloaded": 0}
+
     def describe(self) -> dict:
         """Resolved parameters and semantics, for provenance and result keys."""
         return {"name": self.name, "position_scheme": self.position_scheme, **self.params}
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable from a state (dicts, lists, objects with __dict__), each storage once."""
+    seen, total, todo = set(), 0, [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            key = x.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+        elif hasattr(x, "__dict__"):
+            todo.extend(vars(x).values())
+    return total
 
 
 class KVBuffer:

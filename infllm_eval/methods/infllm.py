@@ -207,6 +207,23 @@ class InfLLM(ContextMethod):
         picked = torch.gather(k_h, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
         return picked.float().mean(dim=2).to(k.dtype)
 
+    def attended_keys(self, p: int) -> int:
+        """Local window + initial tokens + retrieved units + not-yet-packed remainder (approximate: the remainder
+        is counted as its average, half a unit plus half an execution block)."""
+        beyond = max(0, p + 1 - self.n_local)
+        init = min(self.n_init, beyond)
+        n_units = max(0, beyond - init - self.exc) // self.block_size
+        rest = min(beyond - init, (self.block_size + self.exc) // 2)
+        return min(p + 1, self.n_local) + init + min(n_units, self.topk) * self.block_size + rest
+
+    def kv_bytes(self, states: list) -> dict[str, int]:
+        """Units offloaded to the host count as offloaded; everything else (window, initial tokens,
+        representative vectors, device cache slots) as on the device."""
+        total = super().kv_bytes(states)["device"]
+        off = sum(u._k.untyped_storage().nbytes() + u._v.untyped_storage().nbytes()
+                  for u in (s["units"] for s in states) if u is not None and u.offload)
+        return {"device": total - off, "offloaded": off}
+
     def memory_stats(self, states: list) -> dict[str, Any]:
         units = [s["units"] for s in states if s["units"] is not None]
         return {"units": sum(u.n for u in units), "unit_bytes": sum(u.nbytes_host() for u in units),

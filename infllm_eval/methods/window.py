@@ -33,6 +33,9 @@ class WindowMethod(ContextMethod):
         """(query position [1], key positions [n_init]) used to rotate the init stage."""
         raise NotImplementedError
 
+    def attended_keys(self, p: int) -> int:
+        return min(p + 1, self.n_local) + min(self.n_init, max(0, p + 1 - self.n_local))
+
     def new_state(self, layer_idx: int) -> dict:
         return {"win": None, "init_k": None, "init_v": None, "init_len": 0}
 
