@@ -1,31 +1,27 @@
 """Scoring functions, registered by name.
 
 Every metric is a pure function `(prediction, answers, **fields) -> float` in [0, 1]. `answers` lists the
-acceptable references; the score is the best over them. `fields` carries extra per-sample data some
-metrics need (ignored by the ones here). Tasks name their metric in their definition yaml.
+acceptable references; the score is the best over them unless the benchmark's own rule says otherwise.
+`fields` carries extra per-sample data some metrics need (LongBench `all_classes`, ∞-Bench `options`); a
+metric ignores the fields it does not use. Tasks name their metric in their definition yaml.
+
+Registered: `first_int_match`, `exact_match` (below), `longbench_<dataset>` for the 21 LongBench v1 datasets
+and `infbench_<task>` for the 12 ∞-Bench tasks (+ `infbench_code_debug_infllm`), the official scorers in
+`infllm_eval/scorers/`. Importing this module stays cheap: jieba, rouge and rapidfuzz load on first use.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from infllm_eval.errors import unknown_name
+from infllm_eval.scorers import scorer_metrics
+from infllm_eval.scorers.infbench import first_int
 
 Metric = Callable[..., float]
 
-_NON_DIGIT = re.compile(r"[^0-9]")
-
-
-def first_int(prediction: str) -> str:
-    """The first maximal run of ASCII digits in `prediction`, or "" if there is none.
-
-    ∞-Bench `first_int_match` (src/compute_scores.py / eval_utils.py): split on `[^0-9]`, first non-empty.
-    """
-    for item in _NON_DIGIT.split(prediction):
-        if item:
-            return item
-    return ""
+__all__ = ["METRICS", "Metric", "exact_match", "first_int", "first_int_match", "get_metric"]
 
 
 def first_int_match(prediction: str, answers: list[str], **fields: Any) -> float:
@@ -48,6 +44,7 @@ def exact_match(prediction: str, answers: list[str], **fields: Any) -> float:
 METRICS: dict[str, Metric] = {
     "first_int_match": first_int_match,
     "exact_match": exact_match,
+    **scorer_metrics(),
 }
 
 
