@@ -12,12 +12,18 @@ from infllm_eval.errors import UserError, unknown_name
 from infllm_eval.paths import tasks_dir
 from infllm_eval.tasks.base import Render, Sample, Task
 
-__all__ = ["TASK_BUILDERS", "Render", "Sample", "Task", "as_plain_dict", "load_definition", "make_task"]
+__all__ = [
+    "TASK_BUILDERS", "Render", "Sample", "Task", "as_plain_dict", "definition_names", "load_definition", "make_task",
+]
 
 #: builder name (the definition yaml's `builder:` key) -> "module:Class", imported only when used.
 TASK_BUILDERS: dict[str, str] = {
     "passkey": "infllm_eval.tasks.passkey:PasskeyTask",
+    "benchmark": "infllm_eval.tasks.benchmark:BenchmarkTask",
 }
+
+#: Inheritance depth limit for `include:` chains (a cycle is an error long before this).
+_MAX_INCLUDE_DEPTH = 8
 
 
 def as_plain_dict(cfg: Any) -> dict:
@@ -34,17 +40,56 @@ def as_plain_dict(cfg: Any) -> dict:
     return dict(vars(cfg))
 
 
+def definition_names() -> list[str]:
+    """Names of the task definitions in tasks/ (files starting with "_" are shared bases, not tasks)."""
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml") if not p.stem.startswith("_"))
+
+
 def load_definition(name: str) -> dict:
-    """Read tasks/<name>.yaml; an unknown name is a UserError listing the available definitions."""
+    """Read tasks/<name>.yaml with its `include:` chain merged (the including file's keys win).
+
+    `include: _longbench.yaml` pulls in a shared base; mappings merge key by key, everything else is
+    replaced. An unknown name is a UserError listing the available definitions.
+    """
     folder = tasks_dir()
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        raise unknown_name("task definition", name, sorted(p.stem for p in folder.glob("*.yaml")))
+        raise unknown_name("task definition", name, definition_names())
+    return _load_with_includes(path, depth=0)
+
+
+def _read_yaml(path) -> dict:
     with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise UserError(f"Task definition {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from e
     if not isinstance(data, dict):
         raise UserError(f"Task definition {path} is not a YAML mapping; fix or restore the file.")
     return data
+
+
+def _load_with_includes(path, depth: int) -> dict:
+    if depth > _MAX_INCLUDE_DEPTH:
+        raise UserError(f"Task definition {path} has an include chain deeper than {_MAX_INCLUDE_DEPTH} (a cycle?).")
+    data = _read_yaml(path)
+    parent = data.pop("include", None)
+    if not parent:
+        return data
+    parent_path = path.parent / str(parent)
+    if not parent_path.is_file():
+        raise UserError(f"Task definition {path} includes '{parent}', which is not a file in {path.parent}.")
+    return _merge(_load_with_includes(parent_path, depth + 1), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _builder_class(builder: str) -> type:

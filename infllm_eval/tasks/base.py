@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -47,3 +48,10 @@ class Task(Protocol):
     def data_fingerprint(self) -> str:
         """sha256 hex over everything that determines the prompts and answers, for keying results."""
         ...
+
+
+class SampleSkipped(Exception):
+    """Raised by `Task.build` when the run's truncation policy is `skip` and the prompt is over its budget.
+
+    The sample is recorded (status `skipped`, with the reason) and the run goes on.
+    """

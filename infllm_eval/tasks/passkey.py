@@ -80,6 +80,7 @@ class PasskeyTask:
         self.question: str = definition["question"]
         self.answer_prefix: str = definition.get("answer_prefix") or ""
         self.key_digits: int = int(definition.get("key_digits", 5))
+        self.key_duplications: int = int(definition.get("key_duplications", 0))
         self.metric: str = definition.get("metric", "first_int_match")
 
         self.profile, profile = _pick_profile(definition, task_cfg.get("profile"))
@@ -137,6 +138,7 @@ class PasskeyTask:
             "needle": self.needle,
             "question": self.question,
             "key_digits": self.key_digits,
+            **({"key_duplications": self.key_duplications} if self.key_duplications else {}),
             "profile": self.profile,
             "max_new_tokens": self.max_new_tokens,
             "metric": self.metric,
@@ -156,11 +158,16 @@ class PasskeyTask:
     def key_for(self, length: int, depth: float, index: int) -> str:
         """The sample's key: `key_digits` digits, each str(randint(0, 9)) as in ∞-Bench (leading zeros ok).
 
+        With `key_duplications: n` (number_string), n times a random digit is repeated in place afterwards.
         Seeded per sample from f"{seed}-{length}-{depth}-{index}" (str seeds hash with sha512, so this is
         stable across Python runs and PYTHONHASHSEED), so other samples never shift when the grid grows.
         """
         rng = random.Random(f"{self.seed}-{int(length)}-{float(depth)}-{int(index)}")
-        return "".join(str(rng.randint(0, 9)) for _ in range(self.key_digits))
+        keys = [str(rng.randint(0, 9)) for _ in range(self.key_digits)]
+        for k in range(self.key_duplications):  # ∞-Bench number_string: repeat a random digit in place
+            pos = rng.randint(0, self.key_digits + k - 1)
+            keys.insert(pos, keys[pos])
+        return "".join(keys)
 
     def _sample_id(self, length: int, depth: float, index: int) -> str:
         return f"{self.name}-L{length}-d{depth:.2f}-{index}"

@@ -1,0 +1,178 @@
+"""Synthetic ∞-Bench retrieval data sized in the model's tokens: passkey, number_string, kv_retrieval.
+
+The recipes are ∞-Bench's (OpenBMB/InfiniteBench `data/construct_synthetic_dataset.py`):
+
+- passkey: noise line "The grass is green. ... There and back again.\\n", needle "The pass key is {key}. Remember it.
+  {key} is the pass key.\\n", question "What is the pass key?", key = 5 × str(randint(0, 9));
+  context = noise*j + needle + noise*(N-j).
+- number_string: the same with needle "The sequence of digits is {key}. Remember it. {key} is the sequence of
+  digits.\\n", question "What is the sequence of digits?"; key = 5 random digits, then 5 times a random digit of the
+  key is duplicated in place (`keys.insert(pos, keys[pos])`), 10 digits.
+- kv_retrieval: "JSON data:\\n{" + '"<uuid>": "<uuid>", '... + "}" (UUID4 keys and values, as the lost-in-the-middle
+  KV data), input '\\nKey: "<uuid>"\\nThe value associated with the specified key is: ', answer the value.
+
+Where ∞-Bench fixes the number of noise lines / pairs for a 128K Llama-ish tokenizer, here a row of length L is
+sized so that the task's InfLLM-profile prompt (no chat template; BOS included) is L tokens of the *given*
+tokenizer: counts are computed from the pieces' token lengths, the prompt is tokenized to measure, and corrected
+if it is off (passkey / number_string: exactly L in practice, a partial noise line fills the rest; kv_retrieval:
+within half a key-value pair, since pairs are whole). Rows record the measurement (`n_tokens`) next to the target (`length`) and the needle
+`depth`. Each row is seeded from `f"{seed}-{task}-{length}-{depth}-{index}"`, so adding lengths never changes
+other rows. Rows use the benchmark's own schema (id, context, input, answer, options) and run with
+`task=infbench_<task> task.data_dir=<folder>`.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from infllm_eval.errors import UserError, unknown_name
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+NEEDLES = {
+    "passkey": ("The pass key is {key}. Remember it. {key} is the pass key.\n", "What is the pass key?"),
+    "number_string": (
+        "The sequence of digits is {key}. Remember it. {key} is the sequence of digits.\n",
+        "What is the sequence of digits?",
+    ),
+}
+KV_INPUT = '\nKey: "{key}"\nThe value associated with the specified key is: '
+GENERATORS = ("passkey", "number_string", "kv_retrieval")
+MAX_LENGTH = 1_048_576
+
+
+def make_rows(
+    task: str, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int
+) -> list[dict]:
+    """Rows for every (length, depth, index), lengths outermost, in ∞-Bench's jsonl schema."""
+    if task not in GENERATORS:
+        raise unknown_name("synthetic task", task, list(GENERATORS))
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
+            raise UserError(f"--lengths values must be integers in 1..{MAX_LENGTH}; got {length!r}.")
+    for depth in depths:
+        if not 0 <= float(depth) <= 1:
+            raise UserError(f"--depths values must be within [0, 1]; got {depth!r}.")
+    from infllm_eval.tasks import load_definition
+
+    template = load_definition(f"infbench_{task}")["profiles"]["infllm"]["template"]
+    sizer = _Sizer(tokenizer, template)
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            for index in range(samples):
+                rng = random.Random(f"{seed}-{task}-{int(length)}-{float(depth)}-{index}")
+                make = _kv_row if task == "kv_retrieval" else _needle_row
+                row = make(task, sizer, int(length), float(depth), rng)
+                rows.append({"id": len(rows), **row, "options": [], "length": int(length), "depth": float(depth)})
+    return rows
+
+
+class _Sizer:
+    """Token counts of prompt pieces with one tokenizer (the prompt is the task's InfLLM template, no chat)."""
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self.tok = tokenizer
+        self.template = template
+
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=special))
+
+    def prompt_tokens(self, context: str, inp: str, key: str = "") -> int:
+        return len(self.ids(self.template.format(context=context, input=inp, key=key), special=True))
+
+    def after(self, left: str, piece: str) -> int:
+        """Tokens `piece` adds when it follows `left` (seams merge differently than pieces on their own)."""
+        return len(self.ids(left + piece)) - len(self.ids(left))
+
+
+def _key(task: str, rng: random.Random) -> str:
+    keys = [str(rng.randint(0, 9)) for _ in range(5)]
+    if task == "number_string":
+        for k in range(5):
+            pos = rng.randint(0, 5 + k - 1)
+            keys.insert(pos, keys[pos])
+    return "".join(keys)
+
+
+def _needle_row(task: str, sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
+    needle_t, question = NEEDLES[task]
+    key = _key(task, rng)
+    needle = needle_t.format(key=key)
+    noise_ids = sizer.ids(NOISE + NOISE)[len(sizer.ids(NOISE)) :]  # a noise line as it tokenizes mid-text
+    fixed = sizer.prompt_tokens("", question) + sizer.after(NOISE, needle)
+
+    def build(budget: int) -> tuple[str, int]:
+        n_lines, rest = divmod(max(budget, 0), len(noise_ids))
+        j = round(depth * n_lines)
+        partial = sizer.tok.decode(noise_ids[:rest]) if rest else ""
+        return NOISE * j + needle + NOISE * (n_lines - j) + partial, len(noise_ids) * (n_lines - j) + rest
+
+    budget = length - fixed
+    context, after = build(budget)
+    measured = sizer.prompt_tokens(context, question)
+    if measured != length:  # one correction: seams at the template and the partial line
+        budget += length - measured
+        context, after = build(budget)
+        measured = sizer.prompt_tokens(context, question)
+    return {"context": context, "input": question, "answer": [key], "len": after, "n_tokens": measured}
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _kv_row(task: str, sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
+    probe_key = _uuid(rng)
+    fixed = sizer.prompt_tokens("JSON data:\n{}", KV_INPUT.format(key=probe_key), key=f'"{probe_key}"')
+    per_pair = max(1, sizer.after('"a": "b", ', f'"{probe_key}": "{_uuid(rng)}", '))
+    pairs: list[tuple[str, str]] = []
+
+    def build(n_pairs: int) -> tuple[str, str, str]:
+        while len(pairs) < n_pairs:
+            pairs.append((_uuid(rng), _uuid(rng)))
+        used = pairs[: max(n_pairs, 1)]
+        key, value = used[round(depth * (len(used) - 1))]
+        context = "JSON data:\n{" + ", ".join(f'"{k}": "{v}"' for k, v in used) + "}"
+        return context, key, value
+
+    n_pairs = max(1, (length - fixed) // per_pair)
+    for _ in range(3):  # corrections with the measured tokens per pair; a pair is the unit (~50-80 tokens)
+        context, key, value = build(n_pairs)
+        measured = sizer.prompt_tokens(context, KV_INPUT.format(key=key), key=f'"{key}"')
+        per_pair = max(measured - fixed, 1) / n_pairs
+        if abs(measured - length) <= per_pair / 2:
+            break
+        n_pairs = max(1, round((length - fixed) / per_pair))
+    return {"context": context, "input": KV_INPUT.format(key=key), "answer": [value], "n_tokens": measured}
+
+
+def load_tokenizer(model_cfg: Any) -> Any:
+    """The tokenizer of a model config (conf/model/*.yaml) without loading weights where possible."""
+    from infllm_eval.tasks import as_plain_dict
+
+    cfg = as_plain_dict(model_cfg)
+    if cfg["source"] == "tiny":
+        from infllm_eval.models import tiny_tokenizer
+
+        return tiny_tokenizer(int(cfg["tiny"]["vocab_size"]))
+    if cfg["source"] == "hub":
+        from transformers import AutoTokenizer
+
+        from infllm_eval.models import _hub_location, _not_cached
+
+        source, kwargs, _ = _hub_location(cfg)
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
+        except (OSError, ValueError) as e:
+            raise _not_cached(cfg["id"]) from e
+    from infllm_eval.models import gguf_cache_dir, gguf_file, load_model
+
+    converted = gguf_cache_dir(gguf_file(cfg["gguf_package"]), cfg["id"].split("/")[-1].lower())
+    if (converted / "tokenizer_config.json").is_file():  # the embedded model was converted before: no weights
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(converted)
+    return load_model(cfg, device="cpu", dtype="float32").tokenizer
