@@ -30,6 +30,15 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+class SampleTimeout(Exception):
+    """A sample ran past `sample_timeout_s`; checked between prefill chunks and between decode steps."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.perf_counter() > deadline:
+        raise SampleTimeout("sample ran past sample_timeout_s")
+
+
 def model_spec(model, device, dtype) -> ModelSpec:
     cfg = model.config
     H = cfg.num_attention_heads
@@ -99,23 +108,29 @@ class Engine:
         return [self.method.new_state(i) for i in range(self.spec.n_layers)]
 
     @torch.no_grad()
-    def prefill(self, states: list, prompt: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    def prefill(
+        self, states: list, prompt: torch.Tensor, chunk_size: int, deadline: float | None = None
+    ) -> torch.Tensor:
         """Feeds prompt[:-1] in chunks, then the last token alone; returns the logits after the prompt."""
         ids = prompt.view(1, -1).to(self.device)
         n = ids.shape[1]
         for st in range(0, n - 1, chunk_size):
+            _check_deadline(deadline)
             self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()
     def generate(
-        self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int, stop_ids: list[int]
+        self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int, stop_ids: list[int],
+        timeout_s: float | None = None,
     ) -> Generation:
+        """Greedy generation; raises SampleTimeout when `timeout_s` (None = no limit) runs out."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         states = self.new_states()
         t0 = time.perf_counter()
-        logits = self.prefill(states, prompt, chunk_size)
+        deadline = None if timeout_s is None else t0 + timeout_s
+        logits = self.prefill(states, prompt, chunk_size, deadline)
         self._sync()
         t1 = time.perf_counter()
         n = int(prompt.numel())
@@ -130,6 +145,7 @@ class Engine:
             tokens.append(nxt)
             if i + 1 == max_new_tokens:
                 break
+            _check_deadline(deadline)
             logits = self.forward(states, torch.tensor([[nxt]], device=self.device), n + i, logits=True)
         self._sync()
         t2 = time.perf_counter()

@@ -36,7 +36,7 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")  # transformers model_type value
 SOURCES = ("gguf_package", "tiny", "hub")
 CONFIG_KEYS = (
     "name", "description", "source", "id", "path", "revision", "gguf_package", "arch", "max_context",
-    "chat_template", "chat_format", "answer_prefix", "extra_stop_tokens", "trust_remote_code", "tiny",
+    "chat_template", "chat_format", "answer_prefix", "extra_stop_tokens", "trust_remote_code", "tiny", "shape",
 )  # fmt: skip
 TINY_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

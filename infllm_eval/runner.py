@@ -21,19 +21,23 @@ from rich.progress import (
 )
 
 from infllm_eval import __version__
-from infllm_eval.config import check_output_dir, resolved_yaml
-from infllm_eval.engine import Engine
+from infllm_eval.config import check_output_dir, parse_shard, resolved_yaml
+from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.methods import make_method
 from infllm_eval.metrics import get_metric
 from infllm_eval.models import load_model, render_chat
 from infllm_eval.store import RunStore, content_key, provenance
 from infllm_eval.tasks import make_task
+from infllm_eval.tasks.base import SampleSkipped
 
 console = Console(stderr=True)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.run_name
+    """output_dir/run_name; shard i/n (`shard=i/n`) writes its own directory: run_name-shard{i}of{n}."""
+    shard = parse_shard(cfg.get("shard"))
+    suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""
+    return Path(cfg.output_dir) / f"{cfg.run_name}{suffix}"
 
 
 def run_cell(cfg: DictConfig) -> pd.DataFrame:
@@ -54,10 +58,16 @@ def run_cell(cfg: DictConfig) -> pd.DataFrame:
         "task": task.data_fingerprint(), "generation": gen, "dtype": str(lm.dtype), "device": lm.device.type,
     }
     specs = task.sample_specs()
+    shard = parse_shard(cfg.get("shard"))
+    if shard:
+        specs = specs[shard[0] :: shard[1]]
+    timeout_s = cfg.get("sample_timeout_s")
+    cell_key = content_key(base_key)  # names the config the records belong to (report reads only these)
     with RunStore(run_dir) as store:
         store.start(resolved_yaml(cfg), provenance(lm.device, cfg.seed, model_fingerprint=lm.fingerprint,
                                                    task_fingerprint=base_key["task"], method=method.describe(),
-                                                   generation=gen))
+                                                   generation=gen, dtype=base_key["dtype"],
+                                                   cell_key=cell_key))
         done = store.finished() if cfg.resume else {}
         records = []
         ids = {"model": cfg.model.name, "method": cfg.method.name, "task": cfg.task.name}
@@ -71,8 +81,9 @@ def run_cell(cfg: DictConfig) -> pd.DataFrame:
                 if key in done:
                     records.append(done[key])
                 else:
-                    rec = _run_sample(engine, task, metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size)
-                    rec.update(ids, key=key)
+                    rec = _run_sample(engine, task, metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
+                                      timeout_s)
+                    rec.update(ids, key=key, cell_key=cell_key)
                     store.append(rec)
                     records.append(rec)
                 if progress:
@@ -81,25 +92,33 @@ def run_cell(cfg: DictConfig) -> pd.DataFrame:
     return summary
 
 
-def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size) -> dict:
+def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None) -> dict:
     rec = {"sample_id": spec["sample_id"], "length": spec.get("length"), "depth": spec.get("depth"),
            "n_input_tokens": None, "truncated": False, "n_dropped": 0, "prediction": None, "answers": None,
            "score": None, "status": "ok", "error": None, "prefill_s": None, "decode_s": None,
            "new_tokens": 0, "stopped_by": None, "peak_mem_bytes": None, "finished_at": None}
+    t_start = time.perf_counter()
     try:
         sample = task.build(spec)
         rec.update(n_input_tokens=sample.n_input_tokens, truncated=sample.truncated, n_dropped=sample.n_dropped,
                    answers=sample.answers, meta=sample.meta,
                    score_fields=sample.score_fields or None)
-        g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids)
+        g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids, timeout_s=timeout_s)
         pred = tokenizer.decode(g.tokens, skip_special_tokens=False)
-        rec.update(prediction=pred, score=float(metric(pred, sample.answers, **sample.score_fields)), prefill_s=round(g.prefill_s, 4),
-                   decode_s=round(g.decode_s, 4), new_tokens=len(g.tokens), stopped_by=g.stopped_by,
+        rec.update(prediction=pred, score=float(metric(pred, sample.answers, **sample.score_fields)),
+                   prefill_s=round(g.prefill_s, 4), decode_s=round(g.decode_s, 4), new_tokens=len(g.tokens), stopped_by=g.stopped_by,
                    peak_mem_bytes=g.peak_mem_bytes)
+    except SampleSkipped as e:  # truncation=skip and the prompt does not fit: recorded, never scored
+        rec.update(status="skipped", error=str(e))
+    except SampleTimeout as e:
+        rec.update(status="timeout", error=f"{e} ({timeout_s} s)")
     except (torch.OutOfMemoryError, MemoryError) as e:
         rec.update(status="oom", error=f"{type(e).__name__}: {str(e)[:500]}")
     except Exception as e:  # one failing sample is recorded and the run goes on
         rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+    # wall time of the whole sample (build, prefill, decode, scoring): wall_s - prefill_s - decode_s is the
+    # harness's own overhead
+    rec["wall_s"] = round(time.perf_counter() - t_start, 4)
     rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return rec
 

@@ -119,9 +119,13 @@ class RunStore:
         return df
 
 
+def _int_or_none(x) -> int | None:
+    return None if pd.isna(x) else int(x)
+
+
 def summarize(records: list[dict]) -> pd.DataFrame:
     """Tidy summary: one row per cell; score = 100 x mean over samples that finished (status ok)."""
-    cols = SUMMARY_KEYS + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "score", "input_tokens",
+    cols = SUMMARY_KEYS + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "n_skipped", "score", "input_tokens",
                            "prefill_s", "decode_s", "prefill_tok_s", "peak_mem_mb"]
     if not records:
         return pd.DataFrame(columns=cols)
@@ -137,12 +141,14 @@ def summarize(records: list[dict]) -> pd.DataFrame:
             "n_error": int((g["status"] == "error").sum()),
             "n_oom": int((g["status"] == "oom").sum()),
             "n_timeout": int((g["status"] == "timeout").sum()),
+            "n_skipped": int((g["status"] == "skipped").sum()),
             "score": round(100 * ok["score"].mean(), 2) if len(ok) else float("nan"),
-            "input_tokens": int(g["n_input_tokens"].mean()),
+            "input_tokens": _int_or_none(g["n_input_tokens"].mean()),
             "prefill_s": round(ok["prefill_s"].mean(), 3) if len(ok) else float("nan"),
             "decode_s": round(ok["decode_s"].mean(), 3) if len(ok) else float("nan"),
             "prefill_tok_s": round((ok["n_input_tokens"] / ok["prefill_s"]).mean(), 1) if len(ok) else float("nan"),
-            "peak_mem_mb": round(g["peak_mem_bytes"].max() / 2**20, 1),
+            "peak_mem_mb": round(g["peak_mem_bytes"].max() / 2**20, 1) if g["peak_mem_bytes"].notna().any()
+            else float("nan"),
         })
     out = pd.DataFrame(rows, columns=cols)
     out["depth"] = out["depth"].where(out["depth"] >= 0, None)

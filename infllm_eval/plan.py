@@ -1,0 +1,284 @@
+"""`infllm-eval plan`: a dry run. Cells, samples, tokens and each cell's estimated peak memory, no weights.
+
+Memory model (bytes; b = bytes per element of the run's dtype, kv = 2 * n_kv_heads * head_dim * b per token
+per layer, C = min(chunk_size, length), T = length + max_new_tokens):
+- weights: the parameter count from the model's shape (embeddings, attention, MLP, norms, untied LM head) * b;
+- KV on the device, all layers: full (and NTK / PI) T tokens; streamingllm / lminfinite their window buffer,
+  n_init + n_local + 2C + 64 tokens; infllm its local window + remainder (n_local + block_size + 2C + 64),
+  n_init, and the device cache of max(topk, max_cached_block) units of block_size tokens when offloading (all
+  units without offloading); infllm's offloaded units (T - n_local - n_init tokens) count as host memory;
+- workspace of one layer: the fp32 score tile (n_heads * q_tile * visible keys * 4) plus the chunk's
+  activations (q/k/v/o and the MLP: C * (2 * hidden + (n_heads + 2 n_kv_heads) * head_dim + 3 * intermediate)
+  * b).
+On CPU, host and device are the same memory, so the peak is the sum. These are estimates (allocator slack and
+framework overhead are not counted): good for "does it fit", not for the last gigabyte. The model's shape
+comes from a cached config.json (model.path or the local Hugging Face cache, never a download), else
+`model.tiny` or `model.shape` in conf/model/*.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from infllm_eval.config import compose, parse_shard
+from infllm_eval.errors import UserError
+from infllm_eval.report import tool_defaults
+
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+Q_TILE = 256  # ContextMethod.q_tile
+GIB = 2**30
+
+
+def model_shape(model: DictConfig) -> dict:
+    """hidden_size, intermediate_size, layers, heads, kv heads, head_dim, vocab_size, tie_word_embeddings."""
+    m = OmegaConf.to_container(model, resolve=True)
+    shape = _cached_config(m) or m.get("tiny") or m.get("shape")
+    if not shape or any(k not in shape for k in SHAPE_KEYS):
+        raise UserError(
+            f"Model '{m['name']}' has no shape for planning; add model.shape (hidden_size, "
+            "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size) "
+            f"to conf/model/{m['name']}.yaml."
+        )
+    out = {k: int(shape[k]) for k in SHAPE_KEYS}
+    out["head_dim"] = int(shape.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
+    out["vocab_size"] = int(shape.get("vocab_size") or 0)
+    out["tie_word_embeddings"] = bool(shape.get("tie_word_embeddings", False))
+    return out
+
+
+def _cached_config(m: dict) -> dict | None:
+    """config.json of model.path, or of the hub id in the local HF cache (no network, no weights)."""
+    if m.get("path"):
+        p = Path(str(m["path"])).expanduser() / "config.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+    if m.get("source") != "hub":
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        p = try_to_load_from_cache(m["id"], "config.json", revision=m.get("revision"))
+    except Exception:  # noqa: BLE001 - any cache problem means "not cached": fall back to conf numbers
+        return None
+    return json.loads(Path(p).read_text()) if isinstance(p, str) and Path(p).is_file() else None
+
+
+def n_params(s: dict) -> int:
+    h, i, H, Hkv, D = (
+        s["hidden_size"],
+        s["intermediate_size"],
+        s["num_attention_heads"],
+        s["num_key_value_heads"],
+        s["head_dim"],
+    )
+    layer = h * H * D + 2 * h * Hkv * D + H * D * h + 3 * h * i + 2 * h
+    embed = s["vocab_size"] * h * (1 if s["tie_word_embeddings"] else 2)
+    return s["num_hidden_layers"] * layer + embed + h
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device.split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_bytes(dtype: str, device: str) -> tuple[str, int]:
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"dtype '{dtype}' is unknown; use auto, float32, bfloat16 or float16.")
+    return dtype, DTYPE_BYTES[dtype]
+
+
+def estimate(cfg: DictConfig, length: int, device: str) -> dict:
+    """Estimated bytes for one sample of `length` tokens: weights, device KV, host KV, workspace, peak."""
+    s = model_shape(cfg.model)
+    dtype, b = _dtype_bytes(str(cfg.dtype), device)
+    p = OmegaConf.to_container(cfg.method.params, resolve=True) or {}
+    L, H, Hkv, D = s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    T = length + _max_new_tokens(cfg)
+    C = min(int(cfg.chunk_size), length)
+    kv = 2 * Hkv * D * b  # per token per layer
+    kind = _method_kind(cfg.method)
+    host_tokens = 0
+    if kind == "infllm":
+        window = p["n_local"] + p["block_size"] + 2 * C + 64 + p["n_init"]
+        units = max(0, T - p["n_local"] - p["n_init"])
+        offload = device == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
+        cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units
+        device_tokens, host_tokens = window + cached, (units if offload else 0)
+        keys = p["n_local"] + p["n_init"] + p["topk"] * p["block_size"] + p["exc_block_size"]
+    elif kind == "window":
+        device_tokens = p["n_init"] + p["n_local"] + 2 * C + 64
+        keys = p["n_init"] + p["n_local"] + Q_TILE
+    else:
+        device_tokens, keys = T, T
+    work = H * min(Q_TILE, C) * min(keys, T) * 4
+    work += C * (2 * s["hidden_size"] + (H + 2 * Hkv) * D + 3 * s["intermediate_size"]) * b
+    work += s["vocab_size"] * 4
+    weights = n_params(s) * b
+    kv_device, kv_host = device_tokens * kv * L, host_tokens * kv * L
+    return {
+        "dtype": dtype,
+        "weights": weights,
+        "kv_device": kv_device,
+        "kv_host": kv_host,
+        "workspace": work,
+        "peak": weights + kv_device + work + (kv_host if device == "cpu" else 0),
+    }
+
+
+def _method_kind(method: DictConfig) -> str:
+    params = set((method.get("params") or {}).keys())
+    if {"topk", "block_size", "n_local"} <= params:
+        return "infllm"
+    if {"n_init", "n_local"} <= params:
+        return "window"
+    return "full"
+
+
+def _max_new_tokens(cfg: DictConfig) -> int:
+    if cfg.task.get("max_new_tokens") is not None:
+        return int(cfg.task.max_new_tokens)
+    from infllm_eval.tasks import load_definition
+
+    d = load_definition(str(cfg.task.get("definition") or cfg.task.name))
+    profiles = d.get("profiles") or {}
+    prof = profiles.get(cfg.task.get("profile") or d.get("default_profile")) or {}
+    return int(prof.get("max_new_tokens") or d.get("max_new_tokens") or 0)
+
+
+def _samples_per_length(cfg: DictConfig) -> tuple[list[int], int, str]:
+    """(lengths, samples per length, note). Grid tasks (passkey-like) are exact; data tasks (LongBench,
+    ∞-Bench) are planned at their truncation window (`max_length`, else the model's context) with `limit`
+    samples or, without a limit, an unknown count."""
+    t = cfg.task
+    if "lengths" in t:
+        per = len(t.get("depths") or [None]) * int(t.get("samples") or 1)
+        return [int(x) for x in t.lengths], per, ""
+    truncated = t.get("truncation") not in (None, "none")
+    length = int(t.max_length) if truncated and t.get("max_length") else int(cfg.model.max_context)
+    note = "prompts <= max_length" if truncated else "untruncated prompts may be longer"
+    return [length], int(t.get("limit") or 0), note
+
+
+def budget_bytes(budget_gb: float | None, device: str) -> int:
+    if budget_gb is None:
+        budget_gb = tool_defaults("plan").get("budget_gb")
+    if budget_gb is not None:
+        return int(float(budget_gb) * GIB)
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def plan_cells(cells: list[list[str]], budget_gb: float | None = None) -> list[dict]:
+    """One row per cell x length: samples, tokens, memory estimate, whether it fits the budget."""
+    rows = []
+    for cell, overrides in enumerate(cells):
+        cfg = compose(overrides)
+        from infllm_eval.methods import make_method
+
+        make_method(cfg.method)
+        device = _resolve_device(str(cfg.device))
+        budget = budget_bytes(budget_gb, device)
+        lengths, per, note = _samples_per_length(cfg)
+        shard = parse_shard(cfg.get("shard"))
+        for length in lengths:
+            n = per if not shard else len(range(shard[0], per, shard[1]))
+            e = estimate(cfg, length, device)
+            rows.append(
+                {
+                    "cell": cell,
+                    "model": cfg.model.name,
+                    "method": cfg.method.name,
+                    "task": cfg.task.name,
+                    "length": length,
+                    "samples": n,
+                    "tokens": n * (length + _max_new_tokens(cfg)),
+                    "device": device,
+                    **e,
+                    "budget": budget,
+                    "fits": e["peak"] <= budget,
+                    "note": note,
+                }
+            )
+    return rows
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def plan_markdown(rows: list[dict]) -> str:
+    cols = [
+        "model",
+        "method",
+        "task",
+        "length",
+        "samples",
+        "tokens",
+        "device",
+        "dtype",
+        "weights GiB",
+        "KV device GiB",
+        "KV host GiB",
+        "workspace GiB",
+        "peak GiB",
+        "fits",
+        "note",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [
+            r["model"],
+            r["method"],
+            r["task"],
+            r["length"],
+            r["samples"] or "data",
+            r["tokens"] or "",
+            r["device"],
+            r["dtype"],
+            _gib(r["weights"]),
+            _gib(r["kv_device"]),
+            _gib(r["kv_host"]),
+            _gib(r["workspace"]),
+            _gib(r["peak"]),
+            "yes" if r["fits"] else "**NO**",
+            r["note"],
+        ]
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    n_cells = len({r["cell"] for r in rows})
+    total = sum(r["tokens"] for r in rows)
+    over = [r for r in rows if not r["fits"]]
+    budget = rows[0]["budget"] if rows else 0
+    tail = (
+        f"\n{n_cells} cells, {sum(r['samples'] for r in rows)} samples, {total:,} tokens; budget "
+        f"{_gib(budget)} GiB per cell"
+    )
+    tail += (
+        (
+            f"; {len(over)} cell length(s) do not fit: "
+            + ", ".join(
+                f"{r['model']}/{r['method']}/{r['task']}@{r['length']} ({_gib(r['peak'])} GiB)" for r in over
+            )
+        )
+        if over
+        else ""
+    )
+    return "\n".join(lines) + tail + ".\n"

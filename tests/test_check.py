@@ -1,0 +1,139 @@
+"""Regression gate: paired tests per cell, planted regressions, failures, missing cells, the baseline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from infllm_eval.check import compare, paired_test
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = REPO / "results" / "baselines" / "tiny-passkey"
+GATE = {"tolerance": 2.0, "alpha": 0.05, "n_boot": 2000, "seed": 0, "allow_failures": False}
+
+
+def table(scores: dict[tuple[str, int], list], status: dict | None = None) -> pd.DataFrame:
+    """scores[(method, length)] = per-sample scores -> a tidy table (model m, task passkey, depth 0.5)."""
+    rows = []
+    for (method, length), vals in scores.items():
+        for i, v in enumerate(vals):
+            st = (status or {}).get((method, length, i), "ok")
+            rows.append(
+                {
+                    "model": "m",
+                    "method": method,
+                    "task": "passkey",
+                    "length": length,
+                    "depth": 0.5,
+                    "sample_id": f"s{i}",
+                    "score": v if st == "ok" else None,
+                    "status": st,
+                    "task_fingerprint": "T",
+                    "prompt_profile": "infllm",
+                    "prediction": str(v),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_unchanged_results_pass():
+    base = table({("full", 100): [1, 0, 1, 1, 0, 1], ("infllm", 100): [1] * 6})
+    res = compare(base, base, **GATE)
+    assert not res.failed and set(res.cells["verdict"]) == {"ok"} and "PASS" in res.markdown()
+
+
+def test_planted_regression_fails_and_names_the_cell():
+    base = table({("full", 100): [1] * 8, ("infllm", 100): [1] * 8})
+    cur = table({("full", 100): [1] * 8, ("infllm", 100): [1, 1, 0, 0, 0, 0, 0, 0]})
+    res = compare(cur, base, **GATE)
+    assert res.failed
+    bad = res.cells[res.cells["verdict"] == "REGRESSION"]
+    assert list(bad["method"]) == ["infllm"] and bad.iloc[0]["test"] == "mcnemar"
+    assert bad.iloc[0]["p_value"] == pytest.approx(0.5**6)  # 6 discordant pairs, all worse
+    md = res.markdown()
+    assert "FAIL" in md and "| m | infllm | passkey | 100 | REGRESSION |" in md and "| full |" not in md
+
+
+def test_drop_within_tolerance_or_not_significant_passes():
+    base = table({("full", 100): [1, 1]})
+    cur = table({("full", 100): [1, 0]})  # 50 points, but one discordant pair: p = 0.5
+    res = compare(cur, base, **GATE)
+    assert not res.failed and res.cells.iloc[0]["p_value"] == pytest.approx(0.5)
+    big = table({("full", 100): [1] * 100})
+    one_less = table({("full", 100): [1] * 99 + [0]})
+    assert not compare(one_less, big, **GATE).failed  # 1 point < tolerance 2
+    assert compare(one_less, big, **{**GATE, "tolerance": 0.5}).failed is False  # p = 0.5: not significant
+
+
+def test_non_binary_scores_use_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0.5, 1.0, 40)
+    test, p = paired_test(b, b - 0.2, n_boot=2000, seed=0)
+    assert test == "bootstrap" and p < 0.01
+    test, p = paired_test(b, b + 0.01, n_boot=2000, seed=0)
+    assert p > 0.5
+    assert paired_test(b, b - 0.2, 2000, 0) == paired_test(b, b - 0.2, 2000, 0)  # seeded
+
+
+def test_new_failures_and_missing_cells_are_reported():
+    base = table({("full", 100): [1] * 4, ("full", 200): [1] * 4})
+    cur = table({("full", 100): [1] * 4, ("infllm", 100): [1] * 4}, status={("full", 100, 3): "oom"})
+    res = compare(cur, base, **GATE)
+    v = res.cells.set_index(["method", "length"])["verdict"]
+    assert v[("full", 100)] == "NEW FAILURES" and v[("full", 200)] == "missing in results"
+    assert v[("infllm", 100)] == "new in results" and res.failed
+    assert "oom" in res.markdown()
+    assert not compare(cur, base, **{**GATE, "allow_failures": True}).failed
+
+
+def test_nothing_in_common_fails_instead_of_passing_vacuously():
+    res = compare(table({("full", 100): [1] * 4}), table({("full", 200): [1] * 4}), **GATE)
+    assert res.failed and "nothing was compared" in res.markdown()
+    assert "| m | full | passkey | 200 | missing in results |" in res.markdown()
+
+
+def test_different_task_fingerprint_is_incomparable():
+    base = table({("full", 100): [1] * 4})
+    cur = base.assign(task_fingerprint="other")
+    res = compare(cur, base, **GATE)
+    assert res.failed and res.cells.iloc[0]["verdict"] == "incomparable"
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "infllm_eval.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_tiny_sweep_matches_committed_baseline(tmp_path):
+    """The CPU regression: runners/regression.sh's 2 x 2 tiny-model sweep against its committed baseline."""
+    args = [
+        a
+        for a in (BASELINE.with_suffix(".args")).read_text().splitlines()
+        if a.strip() and not a.startswith("#")
+    ]
+    r = _cli("run", "-m", *args, f"output_dir={tmp_path / 'runs'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("check", str(tmp_path / "runs"), "--baseline", str(BASELINE.with_suffix(".csv")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "4 ok" in r.stdout
+    # the same results against a baseline with one planted regression: exit 1, the cell named
+    planted = pd.read_csv(BASELINE.with_suffix(".csv"))
+    cell = (planted["model"] == "tiny-qwen2") & (planted["method"] == "lminfinite")
+    planted.loc[cell, "score"] = 1.0
+    planted.to_csv(tmp_path / "planted.csv", index=False)
+    r = _cli("check", str(tmp_path / "runs"), "--baseline", str(tmp_path / "planted.csv"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "| tiny-qwen2 | lminfinite | passkey | 256 | REGRESSION |" in r.stdout
+    assert "tiny-llama" not in r.stdout

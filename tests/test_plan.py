@@ -1,0 +1,94 @@
+"""`plan`: cells, samples, tokens and memory estimates per method, with no weights loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infllm_eval.config import compose
+from infllm_eval.plan import GIB, estimate, model_shape, n_params, plan_cells
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert n_params(model_shape(compose(["model=mistral"]).model)) / 1e9 == pytest.approx(7.24, abs=0.01)
+    assert n_params(model_shape(compose(["model=llama3"]).model)) / 1e9 == pytest.approx(8.03, abs=0.01)
+    assert n_params(model_shape(compose(["model=smollm2"]).model)) / 1e6 == pytest.approx(134.5, abs=0.5)
+
+
+def test_kv_per_method_full_grows_streaming_methods_stay_bounded():
+    def est(method, length):
+        return estimate(compose(["model=mistral", f"method={method}", "dtype=bfloat16"]), length, "cuda")
+
+    full_32k, full_1m = est("full", 32768), est("full", 1048576)
+    # Mistral: 32 layers x 8 kv heads x 128 dims x 2 (k, v) x 2 bytes = 128 KiB per token
+    assert full_32k["kv_device"] == pytest.approx((32768 + 32) * 128 * 2**10)
+    assert full_1m["kv_device"] > 100 * GIB and full_1m["peak"] > 140 * GIB
+    for method in ("streamingllm", "lminfinite", "infllm"):
+        small, big = est(method, 32768), est(method, 1048576)
+        assert big["kv_device"] == small["kv_device"] and big["peak"] < 40 * GIB, method
+    inf = est("infllm", 1048576)
+    assert inf["kv_host"] > 100 * GIB  # all memory units offloaded to host memory
+    assert est("streamingllm", 32768)["kv_host"] == 0
+
+
+def test_plan_sweep_lists_cells_and_flags_what_cannot_fit():
+    rows = plan_cells(
+        [
+            ["model=mistral", f"method={m}", "task.lengths=[4096,1048576]", "device=cuda"]
+            for m in ("full", "infllm")
+        ],
+        budget_gb=80,
+    )
+    fits = {(r["method"], r["length"]): r["fits"] for r in rows}
+    assert fits == {
+        ("full", 4096): True,
+        ("full", 1048576): False,
+        ("infllm", 4096): True,
+        ("infllm", 1048576): True,
+    }
+    assert all(r["samples"] == 5 for r in rows)  # 5 default depths x 1 sample
+    assert rows[0]["tokens"] == 5 * (4096 + 32)
+
+
+def test_cli_plan_multirun_loads_no_weights(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infllm_eval.cli",
+            "plan",
+            "-m",
+            "model=mistral",
+            "method=full,infllm",
+            "task.lengths=[1048576]",
+            "device=cuda",
+            "--budget-gb",
+            "80",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+    )  # empty hub cache
+    assert r.returncode == 0, r.stderr
+    assert "| mistral | full | passkey | 1048576 |" in r.stdout and "**NO**" in r.stdout
+    assert "2 cells, 10 samples" in r.stdout and "mistral/full/passkey@1048576" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "infllm_eval.cli", "plan", "method=nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Did you mean" not in r.stdout and "Available" in r.stderr
+
+
+def test_shape_comes_from_a_local_config_json_when_there_is_one(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4, '
+        '"num_key_value_heads": 1, "vocab_size": 1000, "tie_word_embeddings": true}'
+    )
+    shape = model_shape(compose(["model=mistral", f"model.path={tmp_path}"]).model)
+    assert (shape["num_hidden_layers"], shape["head_dim"], shape["num_key_value_heads"]) == (3, 32, 1)
