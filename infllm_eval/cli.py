@@ -1,9 +1,10 @@
-"""The `infllm-eval` command line: run, ls, config."""
+"""The `infllm-eval` command line: run, ls, config, plan, report, check, merge, bench, score, data."""
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -11,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from infllm_eval.config import GROUPS, compose, expand_sweep, group_options, resolved_yaml
+from infllm_eval.data_cli import data_app
 from infllm_eval.errors import UserError, unknown_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Evaluate long-context methods (InfLLM, StreamingLLM, LM-Infinite, full attention) on "
                        "long-context tasks. Arguments are Hydra overrides: model=... method=... task=... key=value.")
+app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True)
 
@@ -31,9 +34,11 @@ def run(
     """Run one cell (or, with -m, every cell of a sweep); results go to output_dir/run_name."""
     overrides = list(overrides or [])
     cells = expand_sweep(overrides) if multirun else [overrides]
+    cfgs = []
     for cell in cells:  # validate every cell before any model loads
         try:
             cfg = compose(cell)
+            cfgs.append(cfg)
         except UserError as e:
             if not multirun and any("," in o.partition("=")[2] and "[" not in o for o in cell):
                 raise UserError(f"{e} (comma lists are sweeps: add -m to run every combination)") from e
@@ -44,10 +49,27 @@ def run(
     if not multirun:
         _run_and_show(compose(overrides))
         return
+    started = time.time()
     _run_hydra(overrides)
-    if _failed_cells:
-        err.print(f"[red]{len(_failed_cells)} of {len(cells)} cells failed:[/red] " + "; ".join(_failed_cells))
+    # launchers may run cells in other processes (joblib) or on other machines (SLURM): a cell that finished
+    # wrote its summary.csv during this sweep (atomically, at its end), whatever ran it
+    from infllm_eval import cli as this  # noqa: PLW0406 - the importable module, also under `python -m`
+
+    failed = sorted(set(this._failed_cells) | {_cell_name(c) for c in cfgs if not _summary_since(c, started)})
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(cells)} cells failed:[/red] " + "; ".join(failed))
         raise typer.Exit(1)
+
+
+def _cell_name(cfg) -> str:
+    return f"{cfg.model.name}/{cfg.method.name}/{cfg.task.name}"
+
+
+def _summary_since(cfg, t0: float) -> bool:
+    from infllm_eval.runner import run_dir_of
+
+    summary = run_dir_of(cfg) / "summary.csv"
+    return summary.exists() and summary.stat().st_mtime >= t0 - 1
 
 
 def _run_and_show(cfg) -> None:
@@ -63,7 +85,7 @@ def _hydra_cell(cfg) -> None:
     try:
         _run_and_show(cfg)
     except Exception as e:  # noqa: BLE001 - keep the sweep going; the error is reported at the end
-        name = f"{cfg.model.name}/{cfg.method.name}/{cfg.task.name}"
+        name = _cell_name(cfg)
         err.print(f"[red]cell {name} failed:[/red] {type(e).__name__}: {e}")
         _failed_cells.append(name)
 
@@ -71,15 +93,29 @@ def _hydra_cell(cfg) -> None:
 def _run_hydra(overrides: list[str]) -> None:
     import hydra
 
+    from infllm_eval import cli as this  # noqa: PLW0406 - see below
     from infllm_eval.paths import conf_dir
 
-    entry = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_hydra_cell)
+    # the job function by its importable name: launchers that pickle it (joblib, submitit) then pickle a
+    # reference, also when this file runs as __main__ (`python -m infllm_eval.cli`)
+    main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    entry = main(this._hydra_cell)
     argv = sys.argv
-    sys.argv = ["infllm-eval", "-m", *overrides]
+    sys.argv = ["infllm-eval", "-m", *_force_keys_of_swept_groups(overrides)]
     try:
         entry()
     finally:
         sys.argv = argv
+
+
+def _force_keys_of_swept_groups(overrides: list[str]) -> list[str]:
+    """`method=a,b method.params.x=1`: Hydra first composes the sweep's base config with the group's *default*
+    option, which may lack `x` ("not in struct"). Every cell was validated with the plain override already, so
+    such keys are passed as `++key=value` (set or add): identical in each cell's own composition."""
+    keys = [o.partition("=")[0] for o in overrides]
+    swept = {k for k, o in zip(keys, overrides) if k in GROUPS and "," in o.partition("=")[2]}
+    return [f"++{o}" if o[0] not in "+~" and "." in k and k.split(".")[0] in swept else o
+            for k, o in zip(keys, overrides)]
 
 
 def show_summary(summary, title: str) -> None:
@@ -90,7 +126,7 @@ def show_summary(summary, title: str) -> None:
     for row in summary.itertuples(index=False):
         vals = [getattr(row, c) for c in cols]
         table.add_row(*["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in vals])
-    bad = int(summary[["n_error", "n_oom", "n_timeout"]].to_numpy().sum()) if len(summary) else 0
+    bad = int(summary[["n_error", "n_oom", "n_timeout", "n_skipped"]].to_numpy().sum()) if len(summary) else 0
     ok = summary["n_ok"].sum() if len(summary) else 0
     mean = (summary["score"] * summary["n_ok"]).sum() / ok if ok else float("nan")
     out.print(table)
@@ -121,6 +157,125 @@ def config(overrides: Optional[list[str]] = OVERRIDES) -> None:
 
     make_method(cfg.method)
     out.print(resolved_yaml(cfg), markup=False, highlight=False)
+
+
+@app.command("report")
+def report(
+    root: str = typer.Argument(..., help="folder holding run directories (e.g. results/runs)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="report folder (default: ROOT/report)"),
+    threshold: Optional[float] = typer.Option(None, help="effective-length threshold (conf/tools.yaml)"),
+) -> None:
+    """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT."""
+    from pathlib import Path
+
+    from infllm_eval.report import tool_defaults, write_report
+
+    threshold = tool_defaults("report")["threshold"] if threshold is None else threshold
+    paths = write_report(root, out_dir or Path(root) / "report", threshold)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    out.print(f"report: {paths['markdown'].parent} ({len(paths)} files)")
+
+
+@app.command("check")
+def check(
+    results: str = typer.Argument(..., help="a run root or a tidy.csv / tidy.parquet written by `report`"),
+    baseline: str = typer.Option(..., "--baseline", help="per-sample tidy CSV (or Parquet) to compare with"),
+    tolerance: Optional[float] = typer.Option(None, help="score points a cell may drop (conf/tools.yaml)"),
+    alpha: Optional[float] = typer.Option(None, help="one-sided significance level (conf/tools.yaml)"),
+    by_depth: bool = typer.Option(False, "--by-depth", help="compare each depth as its own cell"),
+    allow_failures: Optional[bool] = typer.Option(None, "--allow-failures/--no-allow-failures",
+                                                  help="newly failing samples do not fail the gate"),
+) -> None:
+    """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
+    from infllm_eval.check import check as run_check
+    from infllm_eval.report import tool_defaults
+
+    d = tool_defaults("check")
+    res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,
+                    alpha=d["alpha"] if alpha is None else alpha, n_boot=int(d["bootstrap"]),
+                    seed=int(d["seed"]), by_depth=by_depth,
+                    allow_failures=d["allow_failures"] if allow_failures is None else allow_failures)
+    print(res.markdown())
+    if res.failed:
+        raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge(
+    run_dir: str = typer.Argument(..., help="the unsharded run directory (no -shard suffix)"),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="delete the shard directories after"),
+) -> None:
+    """Merge the shard directories of a run (shard=i/n) into one run directory with a fresh summary."""
+    import pandas as pd
+
+    from infllm_eval.merge import merge_shards
+
+    path, added = merge_shards(run_dir, remove_shards)
+    show_summary(pd.read_csv(path / "summary.csv"), str(path))
+    out.print(f"merged {added} new samples into {path}")
+
+
+@app.command("plan")
+def plan(
+    overrides: Optional[list[str]] = OVERRIDES,
+    multirun: bool = typer.Option(False, "-m", "--multirun", help="Plan every cell of a sweep."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="memory per cell (default: here)"),
+) -> None:
+    """Dry run: cells, samples, tokens and estimated peak memory per cell; no model weights load."""
+    from infllm_eval.plan import plan_cells, plan_markdown
+
+    overrides = list(overrides or [])
+    rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb)
+    print(plan_markdown(rows))
+
+
+@app.command("bench")
+def bench(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Prefill throughput, decode latency, memory and FLOP/s of several methods side by side (bench.* keys)."""
+    from infllm_eval.bench import run_bench
+
+    cols = ["method", "length", "status", "prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "kv_device_mb",
+            "kv_offloaded_mb", "workspace_mb", "useful_gflop_s", "mfu"]
+
+    def show(row: dict) -> None:
+        err.print(" ".join(f"{c}={row.get(c)}" for c in cols if row.get(c) is not None))
+
+    df, folder = run_bench(list(overrides or []), on_row=show)
+    table = Table(title=f"bench · {df['model'].iloc[0]} · {df['device'].iloc[0]} · "
+                        f"matmul peak {df['peak_matmul_gflop_s'].iloc[0]} GFLOP/s")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in df.reindex(columns=cols).itertuples(index=False):
+        table.add_row(*["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in row])
+    out.print(table)
+    out.print(f"results: {folder}/bench.csv (+ bench.md, bench_throughput.png, bench_memory.png)")
+
+
+@app.command("score")
+def score(
+    path: str = typer.Argument(..., help="a predictions .jsonl (LongBench / InfLLM format) or a run directory"),
+    task: Optional[str] = typer.Option(None, "--task", help="LongBench dataset or ∞-Bench task, e.g. trec, "
+                                       "longbench_trec, passkey (default: the file name before its first '.'; "
+                                       "a run directory: its config's metric)"),
+    per_sample: Optional[str] = typer.Option(None, "--per-sample", help="write each line's score (0-1) here"),
+    e: bool = typer.Option(False, "--e", help="LongBench-E split by length (implied by a task ending in _e)"),
+) -> None:
+    """Score saved predictions with the official scorers, without a model: prints round(100 * mean, 2)."""
+    from pathlib import Path
+
+    from infllm_eval.score import rescore_run, score_file, write_per_sample
+
+    if Path(path).is_dir():
+        metric, n, summary = rescore_run(path, task)
+        show_summary(summary, title=f"rescored with {metric}")
+        print(f"rescored {n} samples with {metric}; rewrote samples.jsonl and summary.csv/.md in {path}")
+        return
+    res = score_file(path, task, buckets=e)
+    print(f"{res.task} ({res.metric}, {len(res.scores)} samples): {res.aggregate}")
+    if res.buckets:
+        print("  ".join(f"{k}: {v}" for k, v in res.buckets.items()))
+    if per_sample:
+        out.print(f"per-sample scores: {write_per_sample(res, per_sample)}")
 
 
 def main() -> None:

@@ -104,6 +104,11 @@ def validate(cfg: DictConfig) -> None:
         _need(isinstance(cfg[key], str) and cfg[key] != "", key, "a non-empty string", cfg[key])
     for key in ("progress", "resume"):
         _need(isinstance(cfg[key], bool), key, "true or false", cfg[key])
+    timeout = cfg.get("sample_timeout_s")
+    is_number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    _need(timeout is None or (is_number and timeout > 0), "sample_timeout_s",
+          "a positive number of seconds or null", timeout)
+    parse_shard(cfg.get("shard"))
     for group in GROUPS:
         node = cfg.get(group)
         _need(isinstance(node, DictConfig) and "name" in node, group, "a config group selection", node)
@@ -130,6 +135,18 @@ def _validate_task(t: DictConfig) -> None:
     if t.get("max_new_tokens") is not None:
         _need(_is_int(t.max_new_tokens) and t.max_new_tokens > 0, "task.max_new_tokens",
               "a positive integer or null", t.max_new_tokens)
+    if "profile" in t:
+        _need(t.profile in ("infllm", "official"), "task.profile", "infllm or official", t.profile)
+    if "truncation" in t:
+        policies = ("none", "middle", "head_tail", "skip")
+        _need(t.truncation in policies, "task.truncation", " | ".join(policies), t.truncation)
+    for key in ("max_length", "limit"):
+        if t.get(key) is not None:
+            _need(_is_int(t[key]) and t[key] > 0, f"task.{key}", "a positive integer or null", t[key])
+    if t.get("data_dir") is not None:
+        _need(isinstance(t.data_dir, str) and t.data_dir != "", "task.data_dir", "a folder path or null", t.data_dir)
+    if t.get("truncation", "none") != "none" and t.get("max_length") is None:
+        raise UserError(f"task.truncation={t.truncation} needs task.max_length (the model's window in tokens).")
 
 
 def _validate_model(m: DictConfig) -> None:
@@ -138,6 +155,16 @@ def _validate_model(m: DictConfig) -> None:
             _need(isinstance(m[key], bool), f"model.{key}", "true or false", m[key])
     if m.get("path") is not None:
         _need(isinstance(m.path, str), "model.path", "a directory path", m.path)
+
+
+def parse_shard(value: Any) -> tuple[int, int] | None:
+    """`shard=i/n` (0 <= i < n): run every n-th sample starting at i; None = all samples."""
+    if value is None:
+        return None
+    i, sep, n = str(value).partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and 0 <= int(i) < int(n)):
+        raise UserError(f"shard must be 'i/n' with 0 <= i < n (e.g. shard=0/4), got {value!r}.")
+    return int(i), int(n)
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

@@ -1,0 +1,258 @@
+"""`infllm-eval bench`: speed and memory of the context methods, side by side, on one model.
+
+For each length (ascending) and each method (interleaved, so drift in the machine hits all methods alike) one
+sample of seeded random token ids is prefilled in `chunk_size` chunks and then `bench.decode_tokens` tokens are
+decoded greedily. Measured per (method, length):
+
+- prefill throughput (tokens/s) and decode latency per token (ms), clocks read after a device sync;
+- peak host memory (RSS sampled every 5 ms during the measurement) and its growth over the RSS before the
+  prefill; peak device memory on CUDA;
+- K/V bytes the method holds on the compute device and offloaded to host memory (`method.kv_bytes`), and the
+  workspace = peak growth - K/V bytes (what is neither weights nor stored K/V);
+- useful FLOPs: the linear layers (q/k/v/o projections and MLP, 2 FLOPs per weight per token; the LM head only
+  where logits are needed) plus the attention the method computes (4 * heads * head_dim FLOPs per attended key,
+  `method.attended_keys`), divided by the time, and compared with this machine's matmul peak measured in the same
+  run (best of several `bench.peak_matmul_size`^3 matmuls in the model dtype), so the ratio holds on any machine.
+
+Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
+of `bench.warmup_tokens`. Lengths whose estimated K/V
+(plus weights) would not fit in the available memory are recorded as `skipped` with the estimate. Results go to
+`<bench.output_dir>/bench.csv` (tidy, one row per method x length), `bench.md`, and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from infllm_eval.config import compose
+from infllm_eval.engine import Engine
+from infllm_eval.errors import UserError
+from infllm_eval.methods import make_method
+from infllm_eval.models import load_model
+from infllm_eval.store import device_name, to_markdown
+
+
+class _RssPeak:
+    """Samples this process's RSS in a thread; `peak` is the highest value seen between start and stop."""
+
+    def __init__(self, every_s: float = 0.005):
+        self.proc, self.every_s, self.peak = psutil.Process(), every_s, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_RssPeak":
+        self.peak = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.every_s)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul on this device and dtype (2 n^3 FLOPs each)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def linear_flops_per_token(model) -> int:
+    """2 FLOPs per weight of every Linear inside the decoder layers (projections and MLP)."""
+    return 2 * sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+
+
+def useful_flops(engine: Engine, start: int, n: int, with_lm_head: int) -> float:
+    """FLOPs of processing positions start..start+n-1: linear layers + the attention the method computes."""
+    s = engine.spec
+    per_key = 4 * s.n_heads * s.head_dim * s.n_layers
+    keys = sum(engine.method.attended_keys(p) for p in range(start, start + n))
+    head = 2 * engine.model.lm_head.weight.numel() * with_lm_head
+    return linear_flops_per_token(engine.model) * n + per_key * keys + head
+
+
+def _estimate_kv_bytes(engine: Engine, length: int) -> int:
+    """Upper bound of the K/V a method keeps at `length` (every token's K and V, as full attention / offload)."""
+    s = engine.spec
+    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * length * torch.finfo(s.dtype).bits // 8
+
+
+def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: int) -> dict:
+    dev = engine.device
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = psutil.Process().memory_info().rss
+    with _RssPeak() as rss:
+        states = engine.new_states()
+        _sync(dev)
+        t0 = time.perf_counter()
+        logits = engine.prefill(states, ids, chunk_size)
+        _sync(dev)
+        t1 = time.perf_counter()
+        n = ids.numel()
+        step_s = []
+        for i in range(decode_tokens):
+            nxt = torch.argmax(logits).view(1, 1)
+            _sync(dev)
+            t = time.perf_counter()
+            logits = engine.forward(states, nxt, n + i, logits=True)
+            _sync(dev)
+            step_s.append(time.perf_counter() - t)
+    kv = engine.method.kv_bytes(states)
+    del states
+    prefill_s = t1 - t0
+    flops = useful_flops(engine, 0, n, with_lm_head=1)
+    row = {
+        "prefill_s": round(prefill_s, 3),
+        "prefill_tok_s": round(n / prefill_s, 1),
+        "decode_ms_per_token": round(1000 * sum(step_s) / len(step_s), 2) if step_s else None,
+        "peak_host_mb": round(rss.peak / 2**20, 1),
+        "host_growth_mb": round((rss.peak - rss0) / 2**20, 1),
+        "kv_device_mb": round(kv["device"] / 2**20, 1),
+        "kv_offloaded_mb": round(kv["offloaded"] / 2**20, 1),
+        "workspace_mb": round((rss.peak - rss0 - kv["device"] - kv["offloaded"]) / 2**20, 1)
+        if dev.type == "cpu" else None,
+        "peak_device_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
+        "useful_gflop": round(flops / 1e9, 4),
+        "useful_gflop_s": round(flops / prefill_s / 1e9, 2),
+    }
+    return row
+
+
+def _plot(df: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df.status == "ok"]
+    paths = []
+    for col, label, name in [("prefill_tok_s", "prefill tokens/s", "bench_throughput.png"),
+                             ("peak_host_mb", "peak host memory (MB)", "bench_memory.png")]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, g in ok.groupby("method"):
+            ax.plot(g["length"], g[col], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{df['model'].iloc[0]} on {df['device'].iloc[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def _cell(overrides: list[str], method: str, length: int, results) -> None:
+    """One (method, length) measurement in a fresh process, so its peak memory is its own."""
+    try:
+        cfg = compose([o for o in overrides if not o.startswith("method=")] + [f"method={method}"])
+        b = cfg.bench
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)
+        vocab = lm.model.config.vocab_size
+        warm = torch.randint(0, vocab, (int(b.warmup_tokens),), generator=torch.Generator().manual_seed(1))
+        eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))  # warm-up, not timed
+        avail = psutil.virtual_memory().available if lm.device.type == "cpu" else torch.cuda.mem_get_info(lm.device)[0]
+        need = _estimate_kv_bytes(eng, length)
+        row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+               "chunk_size": int(cfg.chunk_size), "status": "ok"}
+        if method == "full" and need > float(b.memory_fraction) * avail:
+            row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+        else:
+            ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(int(cfg.seed) + length))
+            row.update(_measure(eng, ids, int(cfg.chunk_size), int(b.decode_tokens)))
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        row = {"status": f"oom: {str(e)[:200]}"}
+    except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
+        row = {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+    results.put(row)
+
+
+def _run_isolated(overrides: list[str], method: str, length: int) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_cell, args=(overrides, method, length, q))
+    p.start()
+    p.join()
+    if not q.empty():
+        return q.get()
+    return {"status": f"error: the measuring process died (exit code {p.exitcode}; killed for memory?)"}
+
+
+def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
+    """Runs the benchmark described by `bench.*` in the composed config; returns the table and its folder.
+    Every (method, length) cell runs in a fresh process (methods interleaved per length)."""
+    base = compose(overrides)
+    bench_config_check(base)
+    b = base.bench
+    methods = list(b.methods)
+    lengths = sorted(int(x) for x in b.lengths)
+    if not methods or not lengths:
+        raise UserError("bench.methods and bench.lengths must not be empty, e.g. bench.lengths=[4096,8192].")
+    for m in methods:  # every method validated before any weights load
+        make_method(compose([o for o in overrides if not o.startswith("method=")] + [f"method={m}"]).method)
+    out = Path(b.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from infllm_eval.models import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(base.device, base.dtype)
+    peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size))
+    rows = []
+    for length in lengths:
+        for m in methods:
+            row = {"model": base.model.name, "method": m, "length": length, "device": device_name(device),
+                   "peak_matmul_gflop_s": round(peak / 1e9, 1)}
+            row.update(_run_isolated(list(overrides), m, length))
+            if "useful_gflop_s" in row:
+                row["mfu"] = round(row["useful_gflop"] * 1e9 / row["prefill_s"] / peak, 5)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell
+    df = pd.DataFrame(rows)
+    (out / "bench.md").write_text(to_markdown(df), encoding="utf-8")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(base), encoding="utf-8")
+    _plot(df, out)
+    return df, out
+
+
+def bench_config_check(cfg: DictConfig) -> None:
+    """Light validation of the bench node (called by the CLI before any model loads)."""
+    for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size"):
+        v = cfg.bench.get(key)
+        if not isinstance(v, int) or v < 0:
+            raise UserError(f"bench.{key} must be a non-negative integer, got {v!r}.")

@@ -1,0 +1,84 @@
+"""`infllm-eval bench`: the accounting it relies on, and one real run on a tiny model (behaviour, not speed)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from infllm_eval.bench import linear_flops_per_token, run_bench, useful_flops
+from infllm_eval.config import compose
+from infllm_eval.engine import Engine
+from infllm_eval.errors import UserError
+from infllm_eval.methods import make_method
+from infllm_eval.models import load_model
+
+
+def _method(name, *extra):
+    return make_method(compose(["model=tiny-llama", f"method={name}", *extra]).method)
+
+
+def _bound(method, model):
+    Engine(model, method, torch.device("cpu"), torch.float32)
+    return method
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(compose(["model=tiny-llama"]).model, device="cpu", dtype="float32")
+
+
+def test_attended_keys_full_grows_window_and_infllm_stay_flat(tiny):
+    full = _bound(_method("full"), tiny.model)
+    assert [full.attended_keys(p) for p in (0, 9, 99_999)] == [1, 10, 100_000]
+    win = _bound(_method("streamingllm"), tiny.model)
+    cap = win.n_local + win.n_init
+    assert win.attended_keys(10**6) == cap and win.attended_keys(10**7) == cap
+    assert win.attended_keys(5) == 6  # inside the window: every earlier token
+    inf = _bound(_method("infllm"), tiny.model)
+    far = inf.attended_keys(10**6)
+    assert far == inf.attended_keys(10**7)  # flat per-token cost, the method's promise
+    assert far >= inf.n_local + inf.n_init + inf.topk * inf.block_size
+
+
+def test_linear_flops_count_every_projection_and_mlp_weight(tiny):
+    m = tiny.model
+    expected = 0
+    for layer in m.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            expected += 2 * lin.weight.numel()
+    assert linear_flops_per_token(m) == expected
+    eng = Engine(m, _method("full"), torch.device("cpu"), torch.float32)
+    s = eng.spec
+    attn = 4 * s.n_heads * s.head_dim * s.n_layers * sum(range(1, 11))
+    assert useful_flops(eng, 0, 10, with_lm_head=0) == expected * 10 + attn
+
+
+def test_infllm_offloaded_units_are_counted_as_offloaded(tiny):
+    method = _method("infllm", "method.params.n_local=64", "method.params.n_init=8", "method.params.topk=2",
+                     "method.params.block_size=16", "method.params.repr_topk=2", "method.params.exc_block_size=32",
+                     "method.params.max_cached_block=4", "method.params.offload=true")
+    eng = Engine(tiny.model, method, torch.device("cpu"), torch.float32)
+    states = eng.new_states()
+    eng.prefill(states, torch.randint(0, tiny.model.config.vocab_size, (400,)), 128)
+    kv = method.kv_bytes(states)
+    assert kv["offloaded"] > 0 and kv["device"] > 0
+    assert kv["offloaded"] >= method.memory_stats(states)["unit_bytes"]
+
+
+def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
+    df, out = run_bench(["model=tiny-llama", "bench.methods=[full,infllm]", "bench.lengths=[192]",
+                         "bench.decode_tokens=2", "bench.warmup_tokens=32", "bench.peak_matmul_size=256",
+                         "chunk_size=64", f"bench.output_dir={tmp_path}"])
+    assert list(df["method"]) == ["full", "infllm"] and set(df["status"]) == {"ok"}
+    assert (df["prefill_tok_s"] > 0).all() and (df["decode_ms_per_token"] > 0).all()
+    assert (df["kv_device_mb"] > 0).all() and (df["mfu"] > 0).all()
+    saved = pd.read_csv(out / "bench.csv")
+    assert len(saved) == 2 and {"peak_matmul_gflop_s", "useful_gflop_s", "workspace_mb"} <= set(saved.columns)
+    assert (out / "bench_throughput.png").stat().st_size > 0 and (out / "bench_memory.png").is_file()
+
+
+def test_bench_rejects_bad_settings_before_loading_anything(tmp_path):
+    with pytest.raises(UserError, match="bench.decode_tokens"):
+        run_bench(["model=tiny-llama", "bench.decode_tokens=-1", f"bench.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match="bench.lengths"):
+        run_bench(["model=tiny-llama", "bench.lengths=[]", f"bench.output_dir={tmp_path}"])
