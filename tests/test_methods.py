@@ -227,3 +227,22 @@ def test_cuda_matches_cpu(method):
     finally:
         m.to("cpu")
     assert (logits - cpu_logits).abs().max() <= 1e-3 and tokens == cpu_tokens
+
+
+def test_neighbor_units_keeps_topk_and_brings_both_sides():
+    m = tiny("tiny-llama")
+    method = InfLLM(**dict(SMALL, topk=6, neighbor_units=2))
+    Engine(m, method, torch.device("cpu"), torch.float32)
+    sel = method._with_neighbors([10, 3, 7, 0, 12, 5], n_units=13, n_centers=2)
+    assert sel == sorted({9, 10, 11, 2, 3, 4})  # the two best with both neighbours fill all six slots
+    edge = method._with_neighbors([0, 12, 6, 5, 4, 3], n_units=13, n_centers=2)
+    assert edge == [0, 1, 5, 6, 11, 12]  # no unit -1 or 13; the next by rank fill the rest
+    ids = prompt(m, 400, seed=7)
+    a, _ = run(m, InfLLM(**SMALL), ids, 64)
+    b, _ = run(m, InfLLM(**dict(SMALL, neighbor_units=1)), ids, 64)  # really changes which units are attended
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-6
+
+
+def test_neighbor_units_rejected_when_they_cannot_fit_in_topk():
+    with pytest.raises(UserError, match="neighbor_units"):
+        InfLLM(**dict(SMALL, topk=3, neighbor_units=2)).validate()

@@ -15,6 +15,9 @@ Departures / named options (recorded in provenance via `describe()`):
 - `offload` (auto = on for CUDA): units in host memory, `max_cached_block` device slots with `lru` / `lru-s`.
 - `perhead` (reference option): one selection per query head instead of one per layer.
 - `chunk_topk_calc` (reference option): top-k for several execution blocks at once with the units existing then.
+- `neighbor_units` (default 0 = the reference; beyond the paper): the `neighbor_units` best-ranked units also bring
+  the unit before and after them, the rest of the `topk` slots are filled by rank. Measured on SmolLM2 passkey:
+  the misses were needles whose key straddled a unit boundary (README, *Measured results*).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class InfLLM(ContextMethod):
     position_scheme = "local: true distance; init + units + remainder: fixed distance"
     param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
                    "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
-                   "global_distance", "prefill_mask_fix", "offload")
+                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units")
 
     def validate(self) -> None:
         p = self.params
@@ -63,6 +66,12 @@ class InfLLM(ContextMethod):
         ctc = p.get("chunk_topk_calc")
         if ctc is not None and (not isinstance(ctc, int) or ctc < p["exc_block_size"]):
             raise UserError(f"method.params.chunk_topk_calc must be null or an integer >= exc_block_size, got {ctc!r}.")
+        nb = p.get("neighbor_units", 0)
+        if not isinstance(nb, int) or isinstance(nb, bool) or nb < 0 or 3 * nb > p["topk"]:
+            raise UserError(f"method.params.neighbor_units must be an integer with 0 <= 3 * neighbor_units <= topk "
+                            f"({p['topk']}), got {nb!r}.")
+        if nb and p.get("perhead"):
+            raise UserError("method.params.neighbor_units works with the shared selection only; set perhead=false.")
         if p.get("offload") not in ("auto", True, False):
             raise UserError(f"method.params.offload must be auto, true or false, got {p.get('offload')!r}.")
 
@@ -78,7 +87,8 @@ class InfLLM(ContextMethod):
         self.group = spec.n_heads // spec.n_kv_heads
 
     def describe(self) -> dict:
-        return {**super().describe(), "prefill_mask_fix": bool(self.params.get("prefill_mask_fix", True))}
+        return {**super().describe(), "prefill_mask_fix": bool(self.params.get("prefill_mask_fix", True)),
+                "neighbor_units": int(self.params.get("neighbor_units") or 0)}
 
     def new_state(self, layer_idx: int) -> dict:
         return {"rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
@@ -124,8 +134,25 @@ class InfLLM(ContextMethod):
         if self.perhead:
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
             return [idx[i] for i in range(len(blocks))]
+        nbr = int(self.params.get("neighbor_units") or 0)
+        if nbr:
+            order = per_head.sum(dim=1).argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
+            return [self._with_neighbors(o, units.n, nbr) for o in order]
         idx = per_head.sum(dim=1).topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
         return idx.tolist()
+
+    def _with_neighbors(self, order: list[int], n_units: int, n_centers: int) -> list[int]:
+        """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all."""
+        chosen: dict[int, None] = {}
+        for u in order[:n_centers]:
+            for w in (u - 1, u, u + 1):
+                if 0 <= w < n_units:
+                    chosen.setdefault(w)
+        for u in order:
+            if len(chosen) >= self.topk:
+                break
+            chosen.setdefault(u)
+        return sorted(chosen)  # at most topk: the centres and their neighbours take <= 3 * n_centers <= topk
 
     def _exec_block(self, state, q_blk, qg_blk, pos_blk, p0: int, p1: int, sel) -> torch.Tensor:
         """Attention for queries at positions [p0, p1): local window + (units, init, remainder) at fixed distance."""
