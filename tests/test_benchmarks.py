@@ -247,6 +247,7 @@ def test_fingerprint_changes_with_profile_truncation_and_data(tok, tmp_path):
     assert build_task("infbench_passkey", tok).data_fingerprint() == base
     assert build_task("infbench_passkey", tok, profile="official").data_fingerprint() != base
     assert build_task("infbench_passkey", tok, truncation="middle", max_length=500).data_fingerprint() != base
+    assert build_task("infbench_passkey", tok, limit=1).data_fingerprint() == base  # picks rows, changes none
     rows = fixture_rows("infbench_passkey")
     rows[0]["answer"] = ["99999"]
     (tmp_path / "passkey.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")

@@ -14,7 +14,8 @@ import pytest
 from infllm_eval.check import compare, paired_test
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE = REPO / "results" / "baselines" / "tiny-passkey"
+BASELINES = REPO / "results" / "baselines"
+BASELINE = BASELINES / "tiny-passkey"
 GATE = {"tolerance": 2.0, "alpha": 0.05, "n_boot": 2000, "seed": 0, "allow_failures": False}
 
 
@@ -137,3 +138,17 @@ def test_tiny_sweep_matches_committed_baseline(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "| tiny-qwen2 | lminfinite | passkey | 256 | REGRESSION |" in r.stdout
     assert "tiny-llama" not in r.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_infllm_cell_matches_committed_baseline(tmp_path):
+    """The real embedded model through InfLLM's retrieval (runners/regression.sh's second baseline)."""
+    base = BASELINES / "smollm2-infllm-passkey"
+    args = [a for a in base.with_suffix(".args").read_text().splitlines() if a.strip() and not a.startswith("#")]
+    r = _cli("run", "-m", *args, f"output_dir={tmp_path / 'runs'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("check", str(tmp_path / "runs"), "--baseline", str(base.with_suffix(".csv")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "1 ok" in r.stdout
+    # the committed baseline is a real signal: the needle comes back from memory in every sample
+    assert pd.read_csv(base.with_suffix(".csv"))["score"].tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -155,13 +155,14 @@ class BenchmarkTask:
         )
 
     def data_fingerprint(self) -> str:
-        """sha256 over the data file's bytes and everything that turns a row into ids and a score."""
+        """sha256 over the data file's bytes and everything that turns a row into ids and a score. `limit` is left
+        out: it picks rows, it does not change them (a larger limit reuses the rows already run)."""
         head, tail = self._head_tail({k: "{" + k + "}" for k in ("question", "input", "key", "func", "func_call",
                                                                    "prefix", *[f"OPTION_{c}" for c in "ABCD"])})
         payload = {
             "builder": "benchmark", "recipe_version": RECIPE_VERSION, "definition": self.definition,
             "profile": self.profile, "max_new_tokens": self.max_new_tokens, "truncation": self.truncation,
-            "max_length": self.max_length if self.truncation != "none" else None, "limit": self.limit,
+            "max_length": self.max_length if self.truncation != "none" else None,
             "answer_prefix": self.answer_prefix, "data_sha256": self.data_sha256, "rendered": [head, tail],
             "extra_stop_token_ids": self.extra_stop_token_ids,
         }

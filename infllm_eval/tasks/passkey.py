@@ -125,6 +125,10 @@ class PasskeyTask:
     def data_fingerprint(self) -> str:
         """sha256 over the definition, the run settings, the rendered head/tail and the pieces' ids.
 
+        The grid (`lengths`, `depths`, `samples`) is left out: it picks which samples run, it does not change any
+        sample (each one is fixed by its id and the seed), so growing the grid reuses every finished sample and
+        runs over different grids stay comparable cell by cell.
+
         The piece ids make the fingerprint change with the tokenizer too, while staying stable across
         machines and paths for the same tokenizer.
         """
@@ -142,9 +146,6 @@ class PasskeyTask:
             "profile": self.profile,
             "max_new_tokens": self.max_new_tokens,
             "metric": self.metric,
-            "lengths": self.lengths,
-            "depths": self.depths,
-            "samples": self.samples,
             "seed": self.seed,
             "answer_prefix": self.answer_prefix if self.use_answer_prefix else None,
             "head": p.head_text,
