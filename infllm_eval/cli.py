@@ -170,8 +170,9 @@ def report(
 
     from infllm_eval.report import tool_defaults, write_report
 
-    threshold = tool_defaults("report")["threshold"] if threshold is None else threshold
-    paths = write_report(root, out_dir or Path(root) / "report", threshold)
+    d = tool_defaults("report")
+    threshold = d["threshold"] if threshold is None else threshold
+    paths = write_report(root, out_dir or Path(root) / "report", threshold, d.get("paper_tables"))
     print(paths["markdown"].read_text(encoding="utf-8"))
     out.print(f"report: {paths['markdown'].parent} ({len(paths)} files)")
 

@@ -12,8 +12,8 @@ older runs the same key recomputed from provenance), one per sample (the latest 
 failure).
 
 Derived views (`write_report`): tidy.csv / tidy.parquet, cells.csv (one row per model x method x task x length
-x depth), report.md (task x method per model, length x method per model and task with effective length,
-failures, incomparable cells) and PNG plots. Cells that share model/method/task/length but differ in task
+x depth), report.md (the paper's ∞-Bench / LongBench table layouts with their averages, task x method per model,
+length x method per model and task with effective length, failures, incomparable cells) and PNG plots. Cells that share model/method/task/length but differ in task
 fingerprint, prompt profile or method/model fingerprint are *incomparable*: flagged and left out of pivots,
 never averaged. Failed samples (error / oom / timeout) are counted in their own columns and never scored.
 """
@@ -331,7 +331,35 @@ def _pivot(c: pd.DataFrame, index: str, columns: str = "method") -> pd.DataFrame
     return p.fillna("")
 
 
-def markdown(df: pd.DataFrame, threshold: float) -> str:
+def paper_table(task_cells: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """One model's task cells in a paper table's layout: a row per method, a column per label (its task's score),
+    and `Avg.` = mean of the column scores, only when every column has a comparable finished score (the paper
+    averages complete rows); otherwise `Avg.` says how many columns are missing. Empty if no column's task ran."""
+    tasks = set(task_cells["task"])
+    if not tasks & set(columns.values()):
+        return pd.DataFrame()
+    rows = []
+    for method, g in task_cells.groupby("method", sort=True):
+        by_task = {r.task: r for r in g.drop_duplicates(subset=["task"]).itertuples(index=False)}
+        row, vals = {"method": method}, []
+        for label, task in columns.items():
+            r = by_task.get(task)
+            if r is None:
+                row[label] = ""
+            elif not r.comparable:
+                row[label] = "incomparable"
+            elif pd.isna(r.score):
+                row[label] = "failed"
+            else:
+                row[label] = f"{r.score:.2f}"
+                vals.append(r.score)
+        missing = len(columns) - len(vals)
+        row["Avg."] = f"{sum(vals) / len(vals):.2f}" if not missing else f"n/a ({missing} missing)"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame, threshold: float, paper_tables: dict | None = None) -> str:
     length_cells = cells(df, CELL)
     task_cells = cells(df, ["model", "method", "task"])
     bad = incomparable(df)
@@ -345,11 +373,16 @@ def markdown(df: pd.DataFrame, threshold: float) -> str:
     if len(bad):
         parts.append("\n## Incomparable cells (left out of the pivots)\n\n" + _md_table(bad))
     for model, g in task_cells.groupby("model"):
+        for spec in (paper_tables or {}).values():
+            t = paper_table(g, dict(spec["columns"]))
+            if len(t):
+                parts.append(f"\n## {model}: {spec['title']}\n\n" + _md_table(t))
         parts.append(
             f"\n## {model}: task x method (every length and depth run)\n\n" + _md_table(_pivot(g, "task"))
         )
     eff = effective_length(length_cells, threshold)
-    for (model, task), g in length_cells[length_cells["length"].notna()].groupby(["model", "task"]):
+    sized = length_cells[length_cells["length"].notna() & (length_cells["length"] > 0)]  # benchmarks: length 0
+    for (model, task), g in sized.groupby(["model", "task"]):
         p = _pivot(g, "length").astype(object)
         e = eff[(eff["model"] == model) & (eff["task"] == task)].set_index("method")["effective_length"]
         p.loc[len(p)] = [f"effective (>= {threshold:g})"] + [_fmt(e.get(m)) for m in p.columns[1:]]
@@ -392,19 +425,21 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     length_cells = cells(df, CELL)
     ok_cells = length_cells[length_cells["comparable"] & length_cells["score"].notna()]
     for (model, task), g in ok_cells.groupby(["model", "task"]):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for method, m in g.groupby("method"):
-            ax.plot(m["length"], m["score"], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ticks = sorted(g["length"].unique())
-        ax.set_xticks(ticks, [f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("score")
-        ax.set_ylim(-5, 105)
-        ax.set_title(f"{model} · {task}", fontsize=9)
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out / f"score_vs_length_{model}_{task}.png"))
+        sized = g[g["length"].notna() & (g["length"] > 0)]  # benchmark rows have no target length (0)
+        if len(sized):
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            for method, m in sized.groupby("method"):
+                ax.plot(m["length"], m["score"], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ticks = sorted(sized["length"].unique())
+            ax.set_xticks(ticks, [f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("length (tokens)")
+            ax.set_ylabel("score")
+            ax.set_ylim(-5, 105)
+            ax.set_title(f"{model} · {task}", fontsize=9)
+            ax.legend(fontsize=7)
+            written.append(_save(fig, out / f"score_vs_length_{model}_{task}.png"))
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
         for method, m in g.groupby("method"):
             axes[0].scatter(m["peak_mem_mb"], m["score"], label=method)
@@ -431,9 +466,11 @@ def _save(fig, path: Path) -> Path:
 
 
 # -- entry ---------------------------------------------------------------------------------------------------
-def write_report(root: str | Path, out: str | Path, threshold: float) -> dict[str, Path]:
+def write_report(root: str | Path, out: str | Path, threshold: float,
+                 paper_tables: dict | None = None) -> dict[str, Path]:
     """Reads every run under `root`; writes tidy.csv, tidy.parquet, cells.csv, effective_length.csv, report.md
-    and PNG plots into `out`. Returns the written paths by name."""
+    (with the paper-style tables of `paper_tables`, conf/tools.yaml `report.paper_tables`) and PNG plots into
+    `out`. Returns the written paths by name."""
     df = load_runs(root)
     out = Path(out)
     try:
@@ -451,7 +488,7 @@ def write_report(root: str | Path, out: str | Path, threshold: float) -> dict[st
     df.to_parquet(paths["tidy_parquet"], index=False)
     cells(df).to_csv(paths["cells"], index=False)
     effective_length(cells(df, CELL), threshold).to_csv(paths["effective_length"], index=False)
-    paths["markdown"].write_text(markdown(df, threshold), encoding="utf-8")
+    paths["markdown"].write_text(markdown(df, threshold, paper_tables), encoding="utf-8")
     for p in plots(df, out):
         paths[p.stem] = p
     return paths

@@ -203,3 +203,24 @@ def test_cli_report_and_empty_root(tmp_path):
     with pytest.raises(UserError, match="No run directories"):
         load_runs(tmp_path / "empty")
     shutil.rmtree(tmp_path / "rep")
+
+
+def test_paper_tables_use_the_papers_columns_and_average_only_complete_rows(tmp_path):
+    from infllm_eval.report import paper_table, tool_defaults
+
+    spec = tool_defaults("report")["paper_tables"]["infbench"]
+    cols = dict(spec["columns"])
+    assert list(cols) == ["R.PK", "R.Num", "R.KV", "Choice", "QA", "Sum", "Math.F"]  # Table 1's order
+    recs = []
+    for j, task in enumerate(cols.values()):  # infllm: task j scores j/6 on its one sample; full lacks math_find
+        recs.append({**_rec("infllm", 0, 0.5, 0, j / 6, task=task), "sample_id": f"{task}-0"})
+        if task != "infbench_math_find":
+            recs.append({**_rec("full", 0, 0.5, 0, 1.0, task=task), "sample_id": f"{task}-0"})
+    make_run(tmp_path, "infllm", [r for r in recs if r["method"] == "infllm"])
+    make_run(tmp_path, "full", [r for r in recs if r["method"] == "full"])
+    t = paper_table(cells(load_runs(tmp_path), ["model", "method", "task"]), cols).set_index("method")
+    assert t.loc["infllm", "R.KV"] == f"{100 * 2 / 6:.2f}" and t.loc["infllm", "Avg."] == "50.00"
+    assert t.loc["full", "Math.F"] == "" and t.loc["full", "Avg."] == "n/a (1 missing)"
+    write_report(tmp_path, tmp_path / "rep", 50, tool_defaults("report")["paper_tables"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "as InfLLM Table 1" in md and "as InfLLM Table 5" not in md  # no LongBench task ran
