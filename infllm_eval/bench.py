@@ -17,7 +17,8 @@ decoded greedily. Measured per (method, length):
 Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
 of `bench.warmup_tokens`. Lengths whose estimated K/V
 (plus weights) would not fit in the available memory are recorded as `skipped` with the estimate. Results go to
-`<bench.output_dir>/bench.csv` (tidy, one row per method x length), `bench.md`, and two PNG plots.
+`<bench.output_dir>/bench.csv` (tidy, one row per method x length), `bench.md`, and two PNG plots; with
+`bench.prompt_build_length` > 0 also the time to build one passkey prompt of that many tokens (`prompt_build.csv`).
 """
 
 from __future__ import annotations
@@ -213,6 +214,25 @@ def _run_isolated(overrides: list[str], method: str, length: int) -> dict:
     return {"status": f"error: the measuring process died (exit code {p.exitcode}; killed for memory?)"}
 
 
+def prompt_build_seconds(cfg: DictConfig, length: int) -> dict:
+    """Seconds to build one passkey prompt of `length` tokens with the model's tokenizer (best of 3, after the
+    task's one-time setup), and how far its ids are from the target."""
+    from infllm_eval.models import load_model
+    from infllm_eval.tasks import make_task
+
+    lm = load_model(cfg.model, device="cpu", dtype="float32")
+    task_cfg = {**OmegaConf.to_container(compose(["task=passkey"]).task, resolve=True),
+                "lengths": [length], "depths": [0.5], "samples": 1}
+    task = make_task(task_cfg, lm.tokenizer, lambda t: t, answer_prefix=bool(cfg.model.answer_prefix), seed=0)
+    spec = task.sample_specs()[0]
+    best, n = float("inf"), 0
+    for _ in range(3):
+        t = time.perf_counter()
+        n = int(task.build(spec).input_ids.numel())
+        best = min(best, time.perf_counter() - t)
+    return {"model": cfg.model.name, "length": length, "n_tokens": n, "build_s": round(best, 4)}
+
+
 def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     """Runs the benchmark described by `bench.*` in the composed config; returns the table and its folder.
     Every (method, length) cell runs in a fresh process (methods interleaved per length)."""
@@ -244,7 +264,13 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
                 on_row(row)
             pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell
     df = pd.DataFrame(rows)
-    (out / "bench.md").write_text(to_markdown(df), encoding="utf-8")
+    md = to_markdown(df)
+    if int(b.get("prompt_build_length") or 0) > 0:
+        pb = prompt_build_seconds(base, int(b.prompt_build_length))
+        pd.DataFrame([pb]).to_csv(out / "prompt_build.csv", index=False)
+        md += (f"\nBuilding one passkey prompt of {pb['length']:,} tokens ({base.model.name}'s tokenizer): "
+               f"{pb['build_s']} s, {pb['n_tokens']:,} ids.\n")
+    (out / "bench.md").write_text(md, encoding="utf-8")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(base), encoding="utf-8")
     _plot(df, out)
     return df, out
@@ -252,7 +278,7 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
 
 def bench_config_check(cfg: DictConfig) -> None:
     """Light validation of the bench node (called by the CLI before any model loads)."""
-    for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size"):
+    for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size", "prompt_build_length"):
         v = cfg.bench.get(key)
         if not isinstance(v, int) or v < 0:
             raise UserError(f"bench.{key} must be a non-negative integer, got {v!r}.")

@@ -68,8 +68,10 @@ def test_infllm_offloaded_units_are_counted_as_offloaded(tiny):
 def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     df, out = run_bench(["model=tiny-llama", "bench.methods=[full,infllm]", "bench.lengths=[192]",
                          "bench.decode_tokens=2", "bench.warmup_tokens=32", "bench.peak_matmul_size=256",
-                         "chunk_size=64", f"bench.output_dir={tmp_path}"])
+                         "chunk_size=64", "bench.prompt_build_length=4096", f"bench.output_dir={tmp_path}"])
     assert list(df["method"]) == ["full", "infllm"] and set(df["status"]) == {"ok"}
+    build = pd.read_csv(out / "prompt_build.csv").iloc[0]
+    assert build["n_tokens"] == 4096 and build["build_s"] > 0 and "4,096 tokens" in (out / "bench.md").read_text()
     assert (df["prefill_tok_s"] > 0).all() and (df["decode_ms_per_token"] > 0).all()
     assert (df["kv_device_mb"] > 0).all() and (df["mfu"] > 0).all()
     saved = pd.read_csv(out / "bench.csv")
