@@ -217,13 +217,13 @@ def _run_isolated(overrides: list[str], method: str, length: int) -> dict:
 def prompt_build_seconds(cfg: DictConfig, length: int) -> dict:
     """Seconds to build one passkey prompt of `length` tokens with the model's tokenizer (best of 3, after the
     task's one-time setup), and how far its ids are from the target."""
-    from infllm_eval.models import load_model
     from infllm_eval.tasks import make_task
+    from infllm_eval.tasks.synthetic import load_tokenizer
 
-    lm = load_model(cfg.model, device="cpu", dtype="float32")
     task_cfg = {**OmegaConf.to_container(compose(["task=passkey"]).task, resolve=True),
                 "lengths": [length], "depths": [0.5], "samples": 1}
-    task = make_task(task_cfg, lm.tokenizer, lambda t: t, answer_prefix=bool(cfg.model.answer_prefix), seed=0)
+    task = make_task(task_cfg, load_tokenizer(cfg.model), lambda t: t, answer_prefix=bool(cfg.model.answer_prefix),
+                     seed=0)
     spec = task.sample_specs()[0]
     best, n = float("inf"), 0
     for _ in range(3):

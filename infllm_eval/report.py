@@ -13,9 +13,9 @@ failure).
 
 Derived views (`write_report`): tidy.csv / tidy.parquet, cells.csv (one row per model x method x task x length
 x depth), report.md (the paper's ∞-Bench / LongBench table layouts with their averages, task x method per model,
-length x method per model and task with effective length, failures, incomparable cells) and PNG plots. Cells that share model/method/task/length but differ in task
-fingerprint, prompt profile or method/model fingerprint are *incomparable*: flagged and left out of pivots,
-never averaged. Failed samples (error / oom / timeout) are counted in their own columns and never scored.
+length x method per model and task with effective length, failures, incomparable cells) and PNG plots. Cells
+that share model/method/task/length but differ in task fingerprint, prompt profile or method/model fingerprint
+are *incomparable*: flagged and left out of pivots, never averaged. Failed samples (error / oom / timeout) are counted in their own columns and never scored.
 """
 
 from __future__ import annotations
