@@ -117,14 +117,14 @@ def _cli(*args, cwd=REPO):
     )
 
 
+def _baseline_args(base: Path) -> list[str]:
+    """The overrides of a committed baseline sweep (NAME.args: one per line, # comments), as regression.sh reads them."""
+    return [a for a in base.with_suffix(".args").read_text().splitlines() if a.strip() and not a.startswith("#")]
+
+
 def test_tiny_sweep_matches_committed_baseline(tmp_path):
     """The CPU regression: runners/regression.sh's 2 x 2 tiny-model sweep against its committed baseline."""
-    args = [
-        a
-        for a in (BASELINE.with_suffix(".args")).read_text().splitlines()
-        if a.strip() and not a.startswith("#")
-    ]
-    r = _cli("run", "-m", *args, f"output_dir={tmp_path / 'runs'}")
+    r = _cli("run", "-m", *_baseline_args(BASELINE), f"output_dir={tmp_path / 'runs'}")
     assert r.returncode == 0, r.stderr[-2000:]
     r = _cli("check", str(tmp_path / "runs"), "--baseline", str(BASELINE.with_suffix(".csv")))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -144,8 +144,7 @@ def test_tiny_sweep_matches_committed_baseline(tmp_path):
 def test_smollm2_infllm_cell_matches_committed_baseline(tmp_path):
     """The real embedded model through InfLLM's retrieval (runners/regression.sh's second baseline)."""
     base = BASELINES / "smollm2-infllm-passkey"
-    args = [a for a in base.with_suffix(".args").read_text().splitlines() if a.strip() and not a.startswith("#")]
-    r = _cli("run", "-m", *args, f"output_dir={tmp_path / 'runs'}")
+    r = _cli("run", "-m", *_baseline_args(base), f"output_dir={tmp_path / 'runs'}")
     assert r.returncode == 0, r.stderr[-2000:]
     r = _cli("check", str(tmp_path / "runs"), "--baseline", str(base.with_suffix(".csv")))
     assert r.returncode == 0, r.stdout + r.stderr
