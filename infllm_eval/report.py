@@ -15,7 +15,8 @@ Derived views (`write_report`): tidy.csv / tidy.parquet, cells.csv (one row per 
 x depth), report.md (the paper's ∞-Bench / LongBench table layouts with their averages, task x method per model,
 length x method per model and task with effective length, failures, incomparable cells) and PNG plots. Cells
 that share model/method/task/length but differ in task fingerprint, prompt profile or method/model fingerprint
-are *incomparable*: flagged and left out of pivots, never averaged. Failed samples (error / oom / timeout) are counted in their own columns and never scored.
+are *incomparable*: flagged and left out of pivots, never averaged. Failed samples (error / oom / timeout) are
+counted in their own columns and never scored.
 """
 
 from __future__ import annotations
@@ -300,6 +301,11 @@ def effective_length(length_cells: pd.DataFrame, threshold: float) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def _sized(c: pd.DataFrame) -> pd.DataFrame:
+    """Cells with a target length (synthetic tasks); benchmark rows have none (length 0)."""
+    return c[c["length"].notna() & (c["length"] > 0)]
+
+
 def _md_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "_(none)_\n"
@@ -381,8 +387,7 @@ def markdown(df: pd.DataFrame, threshold: float, paper_tables: dict | None = Non
             f"\n## {model}: task x method (every length and depth run)\n\n" + _md_table(_pivot(g, "task"))
         )
     eff = effective_length(length_cells, threshold)
-    sized = length_cells[length_cells["length"].notna() & (length_cells["length"] > 0)]  # benchmarks: length 0
-    for (model, task), g in sized.groupby(["model", "task"]):
+    for (model, task), g in _sized(length_cells).groupby(["model", "task"]):
         p = _pivot(g, "length").astype(object)
         e = eff[(eff["model"] == model) & (eff["task"] == task)].set_index("method")["effective_length"]
         p.loc[len(p)] = [f"effective (>= {threshold:g})"] + [_fmt(e.get(m)) for m in p.columns[1:]]
@@ -425,7 +430,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     length_cells = cells(df, CELL)
     ok_cells = length_cells[length_cells["comparable"] & length_cells["score"].notna()]
     for (model, task), g in ok_cells.groupby(["model", "task"]):
-        sized = g[g["length"].notna() & (g["length"] > 0)]  # benchmark rows have no target length (0)
+        sized = _sized(g)
         if len(sized):
             fig, ax = plt.subplots(figsize=(5, 3.2))
             for method, m in sized.groupby("method"):

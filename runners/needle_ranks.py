@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
@@ -49,7 +47,7 @@ def main(argv: list[str]) -> None:
 
     def traced_plan(self, state, q_glob, st, L):
         if L == 1 and state["units"].n > self.topk:  # a decoding-style lookup (one query)
-            per_head = torch.einsum("bhd,buhd->bhu", q_glob[:, :, 0].float(), state["units"].reprs.float())[0]
+            per_head = self.unit_scores(q_glob[:, None, :, 0].float(), state["units"])[0]  # [H, U]
             rank = lambda s, u: int((s.argsort(descending=True) == u).nonzero())  # noqa: E731
             log.append((state["layer"], {u: rank(per_head.sum(0), u) for u in needle_units},
                         {u: min(rank(per_head[h], u) for h in range(per_head.shape[0])) for u in needle_units}))

@@ -130,7 +130,7 @@ class InfLLM(ContextMethod):
             every = list(range(units.n))
             return [torch.arange(units.n).expand(self.spec.n_heads, -1) if self.perhead else every for _ in blocks]
         qm = torch.stack([q_glob[:, :, s:e].float().mean(dim=2) for s, e in blocks], dim=1)  # [B, nb, H, D]
-        per_head = torch.einsum("bnhd,buhd->bnhu", qm, units.reprs.float())[0]  # [nb, H, U]
+        per_head = self.unit_scores(qm, units)  # [nb, H, U]
         if self.perhead:
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
             return [idx[i] for i in range(len(blocks))]
@@ -140,6 +140,12 @@ class InfLLM(ContextMethod):
             return [self._with_neighbors(o, units.n, nbr) for o in order]
         idx = per_head.sum(dim=1).topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
         return idx.tolist()
+
+    @staticmethod
+    def unit_scores(qm: torch.Tensor, units: UnitStore) -> torch.Tensor:
+        """Lookup scores per query head: mean global queries qm [B, nb, H, D] . representative vectors -> [nb, H, U]
+        (no 1/sqrt(d), no softmax; the shared selection sums them over heads)."""
+        return torch.einsum("bnhd,buhd->bnhu", qm, units.reprs.float())[0]
 
     def _with_neighbors(self, order: list[int], n_units: int, n_centers: int) -> list[int]:
         """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all."""
