@@ -44,7 +44,8 @@ class DenseInfLLM(ContextMethod):
             qg = rot(qb, dist)  # [H, Eb, D]
             if len(st["units"]) > topk:
                 qm = qg.mean(dim=1)  # [H, D]
-                s = [float((qm * rep).sum()) for _, rep in st["units"]]
+                per_head = [(qm * rep).sum(dim=-1) for _, rep in st["units"]]  # [H] each
+                s = [float(x.max() if p.get("head_reduce") == "max" else x.sum()) for x in per_head]
                 sel = sorted(sorted(range(len(s)), key=lambda u: -s[u])[:topk])
             else:
                 sel = list(range(len(st["units"])))

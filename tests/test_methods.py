@@ -187,6 +187,7 @@ def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     (dict(n_local=-5), "n_local"),
     (dict(cache_strategy="fifo"), "cache_strategy"),
     (dict(cache_strategy="lru-s", score_decay=None), "score_decay"),
+    (dict(head_reduce="mean"), "head_reduce"),
 ])
 def test_invalid_infllm_parameters_rejected(bad, match):
     cfg = {"name": "infllm", "impl": "infllm_eval.methods.infllm:InfLLM", "params": dict(SMALL, **bad)}
@@ -241,6 +242,20 @@ def test_neighbor_units_keeps_topk_and_brings_both_sides():
     a, _ = run(m, InfLLM(**SMALL), ids, 64)
     b, _ = run(m, InfLLM(**dict(SMALL, neighbor_units=1)), ids, 64)  # really changes which units are attended
     assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_head_reduce_max_matches_dense_reference_and_changes_selection(arch):
+    m = tiny(arch)
+    ids = prompt(m, 300, seed=3)
+    params = dict(SMALL, head_reduce="max")
+    logits, tokens = run(m, InfLLM(**params), ids, 96)
+    ref_logits, ref_tokens = run(m, DenseInfLLM(**params), ids, 96)
+    assert (logits - ref_logits).abs().max() <= 1e-4 and tokens == ref_tokens
+    summed, _ = run(m, InfLLM(**SMALL), ids, 96)
+    assert (logits - summed).abs().max() > 1e-6  # another selection really ran
+    assert InfLLM(**params).describe()["head_reduce"] == "max"
+    assert "head_reduce" not in InfLLM(**dict(SMALL, head_reduce="sum")).describe()  # neutral: old keys hold
 
 
 def test_neighbor_units_rejected_when_they_cannot_fit_in_topk():

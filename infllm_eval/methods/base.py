@@ -66,20 +66,29 @@ class ContextMethod:
         return p + 1
 
     def kv_bytes(self, states: list) -> dict[str, int]:
-        """Bytes of K/V state held on the compute device and offloaded to host memory, over all layers."""
-        return {"device": sum(_tensor_bytes(s) for s in states), "offloaded": 0}
+        """Bytes of the K/V the states hold (tokens stored, not buffer capacity) on the compute device and
+        offloaded to host memory, over all layers."""
+        return {"device": sum(stored_bytes(s) for s in states), "offloaded": 0}
+
+    #: parameters added after results were recorded, with the value that reproduces the earlier behaviour; at that
+    #: value they are left out of `describe()`, so finished results keep their keys (they resume and report as one)
+    neutral: ClassVar[dict[str, Any]] = {}
 
     def describe(self) -> dict:
         """Resolved parameters and semantics, for provenance and result keys."""
-        return {"name": self.name, "position_scheme": self.position_scheme, **self.params}
+        params = {k: v for k, v in self.params.items() if not (k in self.neutral and v == self.neutral[k])}
+        return {"name": self.name, "position_scheme": self.position_scheme, **params}
 
 
-def _tensor_bytes(obj) -> int:
-    """Bytes of every tensor reachable from a state (dicts, lists, objects with __dict__), each storage once."""
+def stored_bytes(obj) -> int:
+    """Bytes of the K/V reachable from a state (dicts, lists, objects with __dict__): a buffer with `nbytes()`
+    counts the tokens it stores, any other tensor its storage (each storage once)."""
     seen, total, todo = set(), 0, [obj]
     while todo:
         x = todo.pop()
-        if isinstance(x, torch.Tensor):
+        if hasattr(x, "nbytes") and callable(x.nbytes) and not isinstance(x, torch.Tensor):
+            total += x.nbytes()
+        elif isinstance(x, torch.Tensor):
             key = x.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)

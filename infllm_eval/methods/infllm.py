@@ -15,6 +15,8 @@ Departures / named options (recorded in provenance via `describe()`):
 - `offload` (auto = on for CUDA): units in host memory, `max_cached_block` device slots with `lru` / `lru-s`.
 - `perhead` (reference option): one selection per query head instead of one per layer.
 - `chunk_topk_calc` (reference option): top-k for several execution blocks at once with the units existing then.
+- `head_reduce` (default `sum` = the reference; `max` is beyond the paper): a unit's lookup score is the sum of
+  its per-head scores, or their maximum (a unit that one head finds is retrieved).
 - `neighbor_units` (default 0 = the reference; beyond the paper): the `neighbor_units` best-ranked units also bring
   the unit before and after them, the rest of the `topk` slots are filled by rank. Measured on SmolLM2 passkey:
   the misses were needles whose key straddled a unit boundary (README, *Measured results*).
@@ -44,7 +46,8 @@ class InfLLM(ContextMethod):
     position_scheme = "local: true distance; init + units + remainder: fixed distance"
     param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
                    "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
-                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units")
+                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "head_reduce")
+    neutral = {"head_reduce": "sum"}
 
     def validate(self) -> None:
         p = self.params
@@ -72,6 +75,9 @@ class InfLLM(ContextMethod):
                             f"({p['topk']}), got {nb!r}.")
         if nb and p.get("perhead"):
             raise UserError("method.params.neighbor_units works with the shared selection only; set perhead=false.")
+        if p.get("head_reduce", "sum") not in ("sum", "max"):
+            raise UserError(f"method.params.head_reduce must be 'sum' (the reference) or 'max', "
+                            f"got {p.get('head_reduce')!r}.")
         if p.get("offload") not in ("auto", True, False):
             raise UserError(f"method.params.offload must be auto, true or false, got {p.get('offload')!r}.")
 
@@ -134,11 +140,12 @@ class InfLLM(ContextMethod):
         if self.perhead:
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
             return [idx[i] for i in range(len(blocks))]
+        score = per_head.amax(dim=1) if self.params.get("head_reduce") == "max" else per_head.sum(dim=1)  # [nb, U]
         nbr = int(self.params.get("neighbor_units") or 0)
         if nbr:
-            order = per_head.sum(dim=1).argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
+            order = score.argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
             return [self._with_neighbors(o, units.n, nbr) for o in order]
-        idx = per_head.sum(dim=1).topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
+        idx = score.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
         return idx.tolist()
 
     @staticmethod
@@ -250,12 +257,11 @@ class InfLLM(ContextMethod):
         return min(p + 1, self.n_local) + init + min(n_units, self.topk) * self.block_size + rest
 
     def kv_bytes(self, states: list) -> dict[str, int]:
-        """Units offloaded to the host count as offloaded; everything else (window, initial tokens,
-        representative vectors, device cache slots) as on the device."""
-        total = super().kv_bytes(states)["device"]
-        off = sum(u._k.untyped_storage().nbytes() + u._v.untyped_storage().nbytes()
-                  for u in (s["units"] for s in states) if u is not None and u.offload)
-        return {"device": total - off, "offloaded": off}
+        """Stored tokens' K/V: units offloaded to the host count as offloaded; everything else (window and
+        remainder, initial tokens, representative vectors, occupied device cache slots) as on the device."""
+        device = super().kv_bytes(states)["device"]  # UnitStore.nbytes() counts only its device part
+        off = sum(u.nbytes_host() for u in (s["units"] for s in states) if u is not None and u.offload)
+        return {"device": device, "offloaded": off}
 
     def memory_stats(self, states: list) -> dict[str, Any]:
         units = [s["units"] for s in states if s["units"] is not None]

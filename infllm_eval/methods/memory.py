@@ -57,6 +57,10 @@ class SlidingKV:
     def scores(self, p0: int, p1: int) -> torch.Tensor:
         return self.score[:, :, self._idx(p0, p1)]
 
+    def nbytes(self) -> int:
+        """Bytes of the K/V of the tokens kept (not the buffer's capacity)."""
+        return 2 * (self.end - self.start) * self.k[:, :, :1].numel() * self.k.element_size()
+
     def drop_before(self, p: int) -> None:
         p = min(max(p, self.start), self.end)
         self.off += p - self.start
@@ -112,7 +116,16 @@ class UnitStore:
         return self._repr[:, : self.n]  # [B, U, H, D]
 
     def nbytes_host(self) -> int:
+        """Bytes of the stored units' K/V (in host memory with offload, else on the device)."""
         return 2 * self.n * self._k[0].numel() * self._k.element_size()
+
+    def nbytes(self) -> int:
+        """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload) or the
+        occupied cache slots (with offload)."""
+        reprs = self.n * self._repr[:, :1].numel() * self._repr.element_size()
+        if not self.offload:
+            return reprs + self.nbytes_host()
+        return reprs + 2 * len(self.slot_of) * self.slot_k[0].numel() * self.slot_k.element_size()
 
     def gather(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the selected units concatenated along tokens: [B, H_kv, len(ids)*block_size, D]."""
