@@ -258,6 +258,19 @@ def test_head_reduce_max_matches_dense_reference_and_changes_selection(arch):
     assert "head_reduce" not in InfLLM(**dict(SMALL, head_reduce="sum")).describe()  # neutral: old keys hold
 
 
+def test_neighbor_extra_adds_neighbours_on_top_of_topk():
+    m = tiny("tiny-llama")
+    method = InfLLM(**dict(SMALL, topk=6, neighbor_units=2, neighbor_extra=True, max_cached_block=10))
+    Engine(m, method, torch.device("cpu"), torch.float32)
+    sel = method._with_neighbors([10, 3, 7, 0, 12, 5, 8, 1], n_units=13, n_centers=2)
+    assert sel == sorted({10, 3, 7, 0, 12, 5} | {9, 11, 2, 4})  # the six best kept, both centres' sides added
+    assert method.describe()["neighbor_extra"] is True
+    assert "neighbor_extra" not in InfLLM(**dict(SMALL, neighbor_extra=False)).describe()  # neutral default: earlier results keep their keys
+
+
 def test_neighbor_units_rejected_when_they_cannot_fit_in_topk():
     with pytest.raises(UserError, match="neighbor_units"):
         InfLLM(**dict(SMALL, topk=3, neighbor_units=2)).validate()
+    InfLLM(**dict(SMALL, topk=3, neighbor_units=2, neighbor_extra=True, max_cached_block=7)).validate()  # fits
+    with pytest.raises(UserError, match="max_cached_block"):
+        InfLLM(**dict(SMALL, topk=3, neighbor_units=2, neighbor_extra=True, max_cached_block=6)).validate()

@@ -18,7 +18,8 @@ Departures / named options (recorded in provenance via `describe()`):
 - `head_reduce` (default `sum` = the reference; `max` is beyond the paper): a unit's lookup score is the sum of
   its per-head scores, or their maximum (a unit that one head finds is retrieved).
 - `neighbor_units` (default 0 = the reference; beyond the paper): the `neighbor_units` best-ranked units also bring
-  the unit before and after them, the rest of the `topk` slots are filled by rank. Measured on SmolLM2 passkey:
+  the unit before and after them, the rest of the `topk` slots are filled by rank; with `neighbor_extra` (default
+  false) the neighbours come on top of the `topk` best (up to topk + 2 * neighbor_units units). Measured on SmolLM2 passkey:
   the misses were needles whose key straddled a unit boundary (README, *Measured results*).
 """
 
@@ -46,8 +47,8 @@ class InfLLM(ContextMethod):
     position_scheme = "local: true distance; init + units + remainder: fixed distance"
     param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
                    "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
-                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "head_reduce")
-    neutral = {"head_reduce": "sum"}
+                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "neighbor_extra", "head_reduce")
+    neutral = {"head_reduce": "sum", "neighbor_extra": False}
 
     def validate(self) -> None:
         p = self.params
@@ -70,9 +71,13 @@ class InfLLM(ContextMethod):
         if ctc is not None and (not isinstance(ctc, int) or ctc < p["exc_block_size"]):
             raise UserError(f"method.params.chunk_topk_calc must be null or an integer >= exc_block_size, got {ctc!r}.")
         nb = p.get("neighbor_units", 0)
-        if not isinstance(nb, int) or isinstance(nb, bool) or nb < 0 or 3 * nb > p["topk"]:
+        extra = bool(p.get("neighbor_extra", False))
+        if not isinstance(nb, int) or isinstance(nb, bool) or nb < 0 or (not extra and 3 * nb > p["topk"]):
             raise UserError(f"method.params.neighbor_units must be an integer with 0 <= 3 * neighbor_units <= topk "
-                            f"({p['topk']}), got {nb!r}.")
+                            f"({p['topk']}), got {nb!r} (or set neighbor_extra=true).")
+        if extra and p["max_cached_block"] < p["topk"] + 2 * nb:
+            raise UserError(f"method.params.max_cached_block ({p['max_cached_block']}) must be >= topk + 2 * "
+                            f"neighbor_units ({p['topk'] + 2 * nb}) with neighbor_extra=true.")
         if nb and p.get("perhead"):
             raise UserError("method.params.neighbor_units works with the shared selection only; set perhead=false.")
         if p.get("head_reduce", "sum") not in ("sum", "max"):
@@ -155,8 +160,12 @@ class InfLLM(ContextMethod):
         return torch.einsum("bnhd,buhd->bnhu", qm, units.reprs.float())[0]
 
     def _with_neighbors(self, order: list[int], n_units: int, n_centers: int) -> list[int]:
-        """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all."""
+        """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all
+        (or, with `neighbor_extra`, the topk best plus the centres' neighbours: at most topk + 2 * n_centers)."""
         chosen: dict[int, None] = {}
+        if self.params.get("neighbor_extra"):
+            for u in order[: self.topk]:
+                chosen.setdefault(u)
         for u in order[:n_centers]:
             for w in (u - 1, u, u + 1):
                 if 0 <= w < n_units:
@@ -165,7 +174,7 @@ class InfLLM(ContextMethod):
             if len(chosen) >= self.topk:
                 break
             chosen.setdefault(u)
-        return sorted(chosen)  # at most topk: the centres and their neighbours take <= 3 * n_centers <= topk
+        return sorted(chosen)  # the centres and their neighbours take <= 3 * n_centers <= topk slots (not extra)
 
     def _exec_block(self, state, q_blk, qg_blk, pos_blk, p0: int, p1: int, sel) -> torch.Tensor:
         """Attention for queries at positions [p0, p1): local window + (units, init, remainder) at fixed distance."""

@@ -15,6 +15,31 @@ from __future__ import annotations
 import torch
 
 
+def release_freed_heap(freed_bytes: int) -> None:
+    """Hands the heap's free pages back to the OS (glibc `malloc_trim`; no-op elsewhere) once 256 MB of replaced
+    buffers have accumulated. The engine keeps freed memory in the heap so attention temporaries do not page-fault
+    again; a memory-unit buffer replaced by a larger one would then stay resident for good (measured: the freed
+    buffers are what made host memory grow faster than the stored K/V)."""
+    global _TRIM, _PENDING
+    _PENDING += freed_bytes
+    if _PENDING < 256 * 2**20:
+        return
+    _PENDING = 0
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+_PENDING = 0
+
+
 class SlidingKV:
     def __init__(self, like_k: torch.Tensor, n_heads: int, capacity: int):
         B, Hkv, _, D = like_k.shape
@@ -94,20 +119,23 @@ class UnitStore:
     def add(self, k: torch.Tensor, v: torch.Tensor, rep: torch.Tensor) -> None:
         """k/v [B, H_kv, block_size, D], rep [B, H, D]."""
         if self.n == self._k.shape[0]:
-            self._k = self._grow(self._k)
-            self._v = self._grow(self._v)
-            rep_new = self._repr.new_empty(self._repr.shape[0], 2 * self.n, *self._repr.shape[2:])
+            cap = self.n + max(16, self.n // 2)  # x1.5: at most a third of the buffer is unused
+            freed = 2 * self._k.untyped_storage().nbytes()
+            self._k = self._grow(self._k, cap)
+            self._v = self._grow(self._v, cap)
+            rep_new = self._repr.new_empty(self._repr.shape[0], cap, *self._repr.shape[2:])
             rep_new[:, : self.n] = self._repr[:, : self.n]
             self._repr = rep_new
+            if self._k.device.type == "cpu":
+                release_freed_heap(freed)
         self._k[self.n].copy_(k, non_blocking=True)
         self._v[self.n].copy_(v, non_blocking=True)
         self._repr[:, self.n] = rep
         self.n += 1
 
     @staticmethod
-    def _grow(t: torch.Tensor) -> torch.Tensor:
-        new = torch.empty((2 * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device,
-                          pin_memory=t.is_pinned())
+    def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:
+        new = torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
         new[: t.shape[0]] = t
         return new
 
