@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infllm_eval.methods import ContextMethod, ModelSpec
+from infllm_eval.methods.memory import glibc
 
 
 @dataclass
@@ -56,14 +57,10 @@ def _keep_freed_memory_on_cpu() -> None:
     """glibc hands large freed buffers back to the OS, so every large temporary of the attention tiles page-faults
     again on its next use. Raising the mmap and trim thresholds keeps them in the heap (measured: ~2x faster
     InfLLM prefill on CPU). Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_; no-op off glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+    libc = glibc()
+    if libc:
         libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _peak_rss_bytes() -> int:

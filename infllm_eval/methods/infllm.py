@@ -19,8 +19,8 @@ Departures / named options (recorded in provenance via `describe()`):
   its per-head scores, or their maximum (a unit that one head finds is retrieved).
 - `neighbor_units` (default 0 = the reference; beyond the paper): the `neighbor_units` best-ranked units also bring
   the unit before and after them, the rest of the `topk` slots are filled by rank; with `neighbor_extra` (default
-  false) the neighbours come on top of the `topk` best (up to topk + 2 * neighbor_units units). Measured on SmolLM2 passkey:
-  the misses were needles whose key straddled a unit boundary (README, *Measured results*).
+  false) the neighbours come on top of the `topk` best (up to topk + 2 * neighbor_units units). Measured on
+  SmolLM2 passkey: the misses were needles whose key straddled a unit boundary (README, *Measured results*).
 """
 
 from __future__ import annotations
