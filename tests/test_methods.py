@@ -179,6 +179,20 @@ def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     assert (peaks[1] == peaks[0]) if bounded else (peaks[1] > 2 * peaks[0])
 
 
+def test_infllm_window_buffer_depends_on_neither_chunk_size_nor_length():
+    """The remainder buffer (local window + not-yet-packed tokens) is sized by n_local, block_size and
+    exc_block_size: a larger prefill chunk or a longer context must not enlarge it."""
+    m = tiny("tiny-llama")
+    caps = set()
+    for n, chunk in ((600, 64), (1800, 64), (1800, 1800)):
+        eng = Engine(m, InfLLM(**SMALL), torch.device("cpu"), torch.float32)
+        states = eng.new_states()
+        eng.prefill(states, prompt(m, n), chunk)
+        caps.add(states[0]["rem"].k.shape[2])
+    bound = 2 * (SMALL["n_local"] + SMALL["block_size"] + SMALL["exc_block_size"])
+    assert len(caps) == 1 and caps.pop() <= bound
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(n_local=16, exc_block_size=32), "exc_block_size"),
     (dict(topk=8, max_cached_block=4), "max_cached_block"),

@@ -109,12 +109,13 @@ class InfLLM(ContextMethod):
         L = q.shape[2]
         p_first = int(pos[0])
         if state["rem"] is None:
-            state["rem"] = SlidingKV(k, self.spec.n_heads, capacity=self.n_local + self.block_size + 2 * L + 64)
+            # the remainder never holds more than n_local + block_size + exc_block_size tokens (K/V is appended per
+            # execution block), so its buffer does not depend on chunk_size; x2 makes compaction rare
+            state["rem"] = SlidingKV(k, self.spec.n_heads, capacity=2 * (self.n_local + self.block_size + self.exc))
             p = self.params
             state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
                                        p["cache_strategy"], p.get("score_decay"))
         rem: SlidingKV = state["rem"]
-        rem.append(k, v)
         # every global query sits at `dist`; global keys are un-rotated (position 0)
         q_glob = self.rope.rotate(q, torch.tensor([self.dist], device=q.device))
         out = q.new_empty(q.shape)
@@ -124,6 +125,7 @@ class InfLLM(ContextMethod):
             if plan is None or not plan:
                 plan = self._plan_topk(state, q_glob, st, L)
             sel = plan.pop(0)
+            rem.append(k[:, :, st:ed], v[:, :, st:ed])
             out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], q_glob[:, :, st:ed], pos[st:ed],
                                                 p_first + st, p_first + ed, sel)
             self._append_global(state, p_first + ed)
