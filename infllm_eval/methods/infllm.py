@@ -159,7 +159,7 @@ class InfLLM(ContextMethod):
     def unit_scores(qm: torch.Tensor, units: UnitStore) -> torch.Tensor:
         """Lookup scores per query head: mean global queries qm [B, nb, H, D] . representative vectors -> [nb, H, U]
         (no 1/sqrt(d), no softmax; the shared selection sums them over heads)."""
-        return torch.einsum("bnhd,buhd->bnhu", qm, units.reprs.float())[0]
+        return torch.einsum("bnhd,ubhd->bnhu", qm, units.reprs.float())[0]
 
     def _with_neighbors(self, order: list[int], n_units: int, n_centers: int) -> list[int]:
         """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all

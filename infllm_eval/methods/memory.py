@@ -98,7 +98,8 @@ class SlidingKV:
 
 
 class UnitStore:
-    """Memory units of one layer. Shapes: unit K/V [U, B, H_kv, block_size, D]; repr [B, U, H, D]."""
+    """Memory units of one layer, unit-first: K/V [U, B, H_kv, block_size, D]; representative vectors [U, B, H, D]
+    (on the compute device)."""
 
     def __init__(self, like_k, n_heads: int, block_size: int, offload: bool, max_cached_block: int,
                  cache_strategy: str, score_decay: float | None):
@@ -109,7 +110,7 @@ class UnitStore:
         pin = offload and like_k.device.type == "cuda"
         self._k = torch.empty(16, B, Hkv, block_size, D, dtype=like_k.dtype, device=host, pin_memory=pin)
         self._v = torch.empty_like(self._k)
-        self._repr = like_k.new_empty(B, 16, n_heads, D)
+        self._repr = like_k.new_empty(16, B, n_heads, D)
         self.n = 0
         # device cache (only with offload): slot tensors + unit -> slot, unit -> lru value
         self.max_cached_block, self.cache_strategy, self.score_decay = max_cached_block, cache_strategy, score_decay
@@ -128,14 +129,12 @@ class UnitStore:
             freed = 2 * self._k.untyped_storage().nbytes()
             self._k = self._grow(self._k, cap)
             self._v = self._grow(self._v, cap)
-            rep_new = self._repr.new_empty(self._repr.shape[0], cap, *self._repr.shape[2:])
-            rep_new[:, : self.n] = self._repr[:, : self.n]
-            self._repr = rep_new
+            self._repr = self._grow(self._repr, cap)
             if self._k.device.type == "cpu":
                 release_freed_heap(freed)
         self._k[self.n].copy_(k, non_blocking=True)
         self._v[self.n].copy_(v, non_blocking=True)
-        self._repr[:, self.n] = rep
+        self._repr[self.n] = rep
         self.n += 1
 
     @staticmethod
@@ -146,7 +145,7 @@ class UnitStore:
 
     @property
     def reprs(self) -> torch.Tensor:
-        return self._repr[:, : self.n]  # [B, U, H, D]
+        return self._repr[: self.n]  # [U, B, H, D]
 
     def nbytes_host(self) -> int:
         """Bytes of the stored units' K/V (in host memory with offload, else on the device)."""
@@ -155,7 +154,7 @@ class UnitStore:
     def nbytes(self) -> int:
         """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload) or the
         occupied cache slots (with offload)."""
-        reprs = self.n * self._repr[:, :1].numel() * self._repr.element_size()
+        reprs = self.n * self._repr[0].numel() * self._repr.element_size()
         if not self.offload:
             return reprs + self.nbytes_host()
         return reprs + 2 * len(self.slot_of) * self.slot_k[0].numel() * self.slot_k.element_size()
