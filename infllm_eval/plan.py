@@ -4,7 +4,7 @@ Memory model (bytes; b = bytes per element of the run's dtype, kv = 2 * n_kv_hea
 per layer, C = min(chunk_size, length), T = length + max_new_tokens):
 - weights: the parameter count from the model's shape (embeddings, attention, MLP, norms, untied LM head) * b;
 - KV on the device, all layers: full (and NTK / PI) T tokens; streamingllm / lminfinite their window buffer,
-  n_init + n_local + 2C + 64 tokens; infllm its local window + remainder (n_local + block_size + 2C + 64),
+  n_init + n_local + 2C + 64 tokens; infllm its local window + remainder buffer (2 * (n_local + block_size + exc_block_size)),
   n_init, and the device cache of max(topk, max_cached_block) units of block_size tokens when offloading (all
   units without offloading); infllm's offloaded units (T - n_local - n_init tokens) count as host memory;
 - workspace of one layer: the fp32 score tile (n_heads * q_tile * visible keys * 4) plus the chunk's
@@ -35,7 +35,7 @@ SHAPE_KEYS = (
     "num_key_value_heads",
 )
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-Q_TILE = 256  # ContextMethod.q_tile
+Q_TILE = 64  # = ContextMethod.q_tile (plan imports no torch; tests/test_plan.py keeps the two equal)
 GIB = 2**30
 
 
@@ -113,7 +113,7 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
     kind = _method_kind(cfg.method)
     host_tokens = 0
     if kind == "infllm":
-        window = p["n_local"] + p["block_size"] + 2 * C + 64 + p["n_init"]
+        window = 2 * (p["n_local"] + p["block_size"] + p["exc_block_size"]) + p["n_init"]
         units = max(0, T - p["n_local"] - p["n_init"])
         offload = device == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
         cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units

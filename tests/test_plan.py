@@ -34,6 +34,13 @@ def test_kv_per_method_full_grows_streaming_methods_stay_bounded():
     assert est("streamingllm", 32768)["kv_host"] == 0
 
 
+def test_plan_uses_the_methods_query_tile():
+    from infllm_eval.methods.base import ContextMethod
+    from infllm_eval.plan import Q_TILE
+
+    assert Q_TILE == ContextMethod.q_tile
+
+
 def test_plan_sweep_lists_cells_and_flags_what_cannot_fit():
     rows = plan_cells(
         [
