@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infllm_eval.methods import ContextMethod, ModelSpec
-from infllm_eval.methods.memory import glibc
+from infllm_eval.methods.memory import MMAP_THRESHOLD, glibc
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _keep_freed_memory_on_cpu() -> None:
     InfLLM prefill on CPU). Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_; no-op off glibc."""
     libc = glibc()
     if libc:
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
@@ -76,8 +76,14 @@ class Engine:
         self.method = method
         self.device = device
         self.spec = model_spec(model, device, dtype)
+        self.mlp_rows = None  # tokens per MLP call; None = the whole chunk
         if device.type == "cpu":
             _keep_freed_memory_on_cpu()
+            # glibc serves blocks above its mmap threshold (32 MB at most) with fresh pages that fault on every
+            # use; slicing keeps the MLP's [rows, intermediate] temporaries below it (measured: SiLU on SmolLM2's
+            # 8192 x 1536 took 49 ms, mostly page faults)
+            inter = getattr(model.config, "intermediate_size", 0) or 1
+            self.mlp_rows = max(256, MMAP_THRESHOLD // (inter * torch.finfo(dtype).bits // 8) // 256 * 256)
         method.bind(model, self.spec)
 
     # -- one forward pass over new tokens ------------------------------------------------------------------------
@@ -96,7 +102,10 @@ class Engine:
             v = attn.v_proj(x).view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
             o = self.method.attend(state, q, k, v, pos)  # [B, H, L, D]
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, L, s.n_heads * s.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            x = layer.post_attention_layernorm(h)
+            rows = self.mlp_rows or L
+            for r in range(0, L, rows):  # the MLP is per token: row slices give the same result
+                h[:, r : r + rows] += layer.mlp(x[:, r : r + rows])
         if not logits:
             return None
         return self.model.lm_head(self.inner.norm(h[:, -1:]))[0, -1].float()

@@ -4,6 +4,10 @@ Methods own their position scheme (InfLLM puts distant tokens at one fixed dista
 positions), so they rotate q/k themselves. `Rope` wraps the model's `rotary_emb` so every rope type the model
 supports (default, llama3, linear, ...) keeps working, and adds the reference's two knobs:
 `base` (rope theta; NTK-style extension) and `distance_scale` (positions are multiplied by it; PI).
+
+`rotate_range` serves contiguous positions from a cos/sin table built once per device (the windowed methods
+rotate by window-relative positions, the same few thousand every execution block); rope types whose angles
+depend on the call (`dynamic`, `longrope`) are computed per call instead.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Rope:
         self.rotary = rotary
         self.distance_scale = 1.0 if distance_scale is None else float(distance_scale)
         self.base = base
+        self.static = getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for 1-D `positions` [S] -> two tensors [S, D] in fp32 (rotation is done in fp32)."""
@@ -47,3 +53,17 @@ class Rope:
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions, x)
         return self.apply(x, cos, sin)
+
+    TABLE_MAX = 1 << 16  # positions served from the table; beyond it (full attention at long lengths) per call
+
+    def rotate_range(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x [B, H, S, D] at positions start .. start + S - 1 (the same values as `rotate`)."""
+        end = start + x.shape[2]
+        if not self.static or end > self.TABLE_MAX:
+            return self.rotate(x, torch.arange(start, end, device=x.device))
+        cos, sin = self._tables.get(x.device, (None, None))
+        if cos is None or cos.shape[0] < end:
+            n = min(self.TABLE_MAX, max(1024, 1 << (end - 1).bit_length()))
+            cos, sin = self.cos_sin(torch.arange(n, device=x.device), x)
+            self._tables[x.device] = cos, sin
+        return self.apply(x, cos[start:end], sin[start:end])

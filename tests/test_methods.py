@@ -288,3 +288,15 @@ def test_neighbor_units_rejected_when_they_cannot_fit_in_topk():
     InfLLM(**dict(SMALL, topk=3, neighbor_units=2, neighbor_extra=True, max_cached_block=7)).validate()  # fits
     with pytest.raises(UserError, match="max_cached_block"):
         InfLLM(**dict(SMALL, topk=3, neighbor_units=2, neighbor_extra=True, max_cached_block=6)).validate()
+
+
+@pytest.mark.parametrize("kw", [{}, {"base": 50000.0}, {"distance_scale": 0.5}])
+def test_rope_table_gives_the_same_angles_as_per_call(kw):
+    """`rotate_range` serves contiguous positions from a cached table: bit-identical to computing them per call,
+    also after the table has grown, and past its size."""
+    from infllm_eval.rope import Rope
+
+    r = Rope(tiny("tiny-llama"), **kw)
+    x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(0))
+    for start in (0, 5, 4000, Rope.TABLE_MAX - 100):
+        assert torch.equal(r.rotate_range(x, start), r.rotate(x, torch.arange(start, start + 300))), start

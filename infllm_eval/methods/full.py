@@ -23,8 +23,9 @@ class FullAttention(ContextMethod):
         return {"kv": None}
 
     def attend(self, state, q, k, v, pos):
-        q = self.rope.rotate(q, pos)
-        k = self.rope.rotate(k, pos)
+        p0 = int(pos[0])  # positions are contiguous
+        q = self.rope.rotate_range(q, p0)
+        k = self.rope.rotate_range(k, p0)
         if state["kv"] is None:
             state["kv"] = KVBuffer(k, capacity=max(1024, k.shape[2]))
         buf: KVBuffer = state["kv"]

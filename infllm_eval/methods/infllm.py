@@ -185,21 +185,23 @@ class InfLLM(ContextMethod):
         # local stage: window-relative positions keep RoPE angles small at any context length
         w0 = max(p0 - self.n_local + 1, rem.start)
         k_loc, v_loc = rem.kv(w0, p1)
-        k_pos = torch.arange(w0, p1, device=q_blk.device)
-        q_loc = self.rope.rotate(q_blk, pos_blk - w0)
-        k_loc = self.rope.rotate(k_loc, k_pos - w0)
+        q_loc = self.rope.rotate_range(q_blk, p0 - w0)
+        k_loc = self.rope.rotate_range(k_loc, 0)
         h = self._per_head_layout
         stages = [Stage(q_loc, h(k_loc), h(v_loc), k_start=w0, band=(0, self.n_local - 1), want_scores=True)]
         # global stage 1: retrieved units + initial tokens (always visible)
-        gk, gv = [], []
-        if sel is not None:
-            uk, uv = self._gather_perhead(units, sel) if self.perhead else units.gather(sel)
-            gk.append(uk), gv.append(uv)
-        if state["init_len"] > 0:
-            gk.append(h(state["init_k"])), gv.append(h(state["init_v"]))
-        if gk:
+        init = (h(state["init_k"]), h(state["init_v"])) if state["init_len"] > 0 else None
+        if sel is not None and self.perhead:
+            gk, gv = self._gather_perhead(units, sel)
+            if init is not None:
+                gk, gv = torch.cat([gk, init[0]], dim=2), torch.cat([gv, init[1]], dim=2)
+        elif sel is not None:
+            gk, gv = units.gather(sel, tail=init)  # units then initial tokens, one copy
+        else:
+            gk, gv = init if init is not None else (None, None)
+        if gk is not None:
             want = units.offload and self.params["cache_strategy"] == "lru-s" and not self.perhead
-            stages.append(Stage(qg_blk, torch.cat(gk, dim=2), torch.cat(gv, dim=2), want_scores=want))
+            stages.append(Stage(qg_blk, gk, gv, want_scores=want))
         # global stage 2: remainder tokens beyond the window of the block's last query; with the fix, a query
         # sees only those beyond its own window (distance >= n_local), without it all of them (reference bug)
         r1 = p1 - self.n_local

@@ -54,8 +54,7 @@ class WindowMethod(ContextMethod):
             state["init_len"] += n
         w0 = max(p0 - self.n_local + 1, 0)
         k_loc, v_loc = win.kv(w0, p1)
-        k_pos = torch.arange(w0, p1, device=q.device)
-        stages = [Stage(self.rope.rotate(q, pos - w0), self.rope.rotate(k_loc, k_pos - w0), v_loc,
+        stages = [Stage(self.rope.rotate_range(q, p0 - w0), self.rope.rotate_range(k_loc, 0), v_loc,
                         k_start=w0, band=(0, self.n_local - 1))]
         if state["init_len"] > 0 and p1 - 1 >= self.n_local:  # some query has init tokens beyond its window
             q_at, k_at = self.init_positions(q.device)
