@@ -300,3 +300,18 @@ def test_rope_table_gives_the_same_angles_as_per_call(kw):
     x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(0))
     for start in (0, 5, 4000, Rope.TABLE_MAX - 100):
         assert torch.equal(r.rotate_range(x, start), r.rotate(x, torch.arange(start, start + 300))), start
+
+
+def test_units_spanning_several_slabs_give_the_same_outputs(monkeypatch):
+    """A store that fills more than one slab (64 units each here) attends exactly as one that fits in one."""
+    from infllm_eval.methods import memory
+
+    m = tiny("tiny-llama")
+    ids = prompt(m, 1800)
+    one = run(m, InfLLM(**SMALL), ids, 256)
+    monkeypatch.setattr(memory, "SLAB_BYTES", 1)
+    eng = Engine(m, InfLLM(**SMALL), torch.device("cpu"), torch.float32)
+    states = eng.new_states()
+    logits = eng.prefill(states, ids, 256)
+    assert len(states[0]["units"].slabs) >= 2
+    assert torch.equal(logits, one[0]) and run(m, InfLLM(**SMALL), ids, 256)[1] == one[1]
