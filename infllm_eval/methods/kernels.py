@@ -51,22 +51,6 @@ def _tile_mask(q0: int, q1: int, k0: int, k1: int, band, device) -> torch.Tensor
     return ok
 
 
-def _mask_band_edges(lg: torch.Tensor, q0: int, q1: int, k0: int, band) -> None:
-    """Sets -inf in logits lg [..., q1-q0, n] (queries at positions [q0, q1), keys at k0 .. k0+n-1) where the
-    distance falls outside the band. Only the key columns that some query of the tile cannot see are touched: the
-    keys every query sees form one middle run, so a tile pays for its two edges, not for all n columns."""
-    lo, hi = band
-    n = lg.shape[-1]
-    all_lo = min(n, max(0, int(q0 - lo) - k0 + 1))  # columns [0, all_lo) meet p - s >= lo for every query
-    all_hi = 0 if hi == INF else min(n, max(0, int(q1 - 1 - hi) - k0))  # columns [all_hi, n) meet p - s <= hi
-    edges = ((0, all_hi), (all_lo, n)) if all_hi < all_lo else ((0, n),)
-    for c0, c1 in edges:
-        if c1 > c0:
-            ok = _tile_mask(q0, q1, k0 + c0, k0 + c1, band, lg.device)
-            if ok is not None:
-                lg[..., c0:c1].masked_fill_(~ok, -INF)
-
-
 SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
 
 
@@ -158,7 +142,9 @@ def multi_stage_attention(
             qt = qs[i][:, :, s:e].reshape(B, H_kv, G * tq, D)
             lg = torch.matmul(qt, ks[i][:, :, a:b].transpose(-1, -2)).view(B, H_kv, G, tq, b - a)
             if st.band is not None:
-                _mask_band_edges(lg, p0 + s, p0 + e, st.k_start + a, st.band)
+                ok = _tile_mask(p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band, q0.device)
+                if ok is not None:  # the tile straddles a band edge
+                    lg.masked_fill_(~ok, -INF)
             logits[i] = lg
         # one softmax over all stages without concatenating them: shared row max, in-place exp, shared sum
         m = torch.stack([lg.amax(dim=-1) for lg in logits.values()]).amax(dim=0)  # [B, H_kv, G, tq]
