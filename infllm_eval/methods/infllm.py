@@ -191,14 +191,10 @@ class InfLLM(ContextMethod):
         stages = [Stage(q_loc, h(k_loc), h(v_loc), k_start=w0, band=(0, self.n_local - 1), want_scores=True)]
         # global stage 1: retrieved units + initial tokens (always visible)
         init = (h(state["init_k"]), h(state["init_v"])) if state["init_len"] > 0 else None
-        if sel is not None and self.perhead:
-            gk, gv = self._gather_perhead(units, sel)
-            if init is not None:
-                gk, gv = torch.cat([gk, init[0]], dim=2), torch.cat([gv, init[1]], dim=2)
-        elif sel is not None:
-            gk, gv = units.gather(sel, tail=init)  # units then initial tokens, one copy
-        else:
+        if sel is None:
             gk, gv = init if init is not None else (None, None)
+        else:  # units then initial tokens
+            gk, gv = self._gather_perhead(units, sel, init) if self.perhead else units.gather(sel, tail=init)
         if gk is not None:
             want = units.offload and self.params["cache_strategy"] == "lru-s" and not self.perhead
             stages.append(Stage(qg_blk, gk, gv, want_scores=want))
@@ -223,14 +219,16 @@ class InfLLM(ContextMethod):
         """perhead: every stage uses one K/V head per query head (units differ per head); else unchanged (GQA)."""
         return x.repeat_interleave(self.group, dim=1) if self.perhead and self.group > 1 else x
 
-    def _gather_perhead(self, units: UnitStore, sel: torch.Tensor):
-        """perhead: head h attends to its own units: K/V [B, H, topk*bs, D] (KV heads expanded per query head)."""
+    def _gather_perhead(self, units: UnitStore, sel: torch.Tensor, tail=None):
+        """perhead: head h attends to its own units: K/V [B, H, topk*bs (+ T), D] (KV heads expanded per query
+        head), then `tail` (K, V [B, H, T, D]) if given."""
         ks, vs = [], []
         for h in range(self.spec.n_heads):  # research option (reference: "very time-consuming")
             k, v = units.gather(sel[h].tolist())
             kvh = h // self.group
             ks.append(k[:, kvh : kvh + 1]), vs.append(v[:, kvh : kvh + 1])
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        k, v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        return (k, v) if tail is None else (torch.cat([k, tail[0]], dim=2), torch.cat([v, tail[1]], dim=2))
 
     def _append_global(self, state: dict, rem_end: int) -> None:
         """After an execution block ending at `rem_end`: fill the initial tokens, then pack full units."""
