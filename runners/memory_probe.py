@@ -23,6 +23,7 @@ import torch
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
+from infllm_eval.methods.memory import glibc
 from infllm_eval.models import load_model
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
     vocab, cs = lm.model.config.vocab_size, int(cfg.chunk_size)
     warm = torch.randint(0, vocab, (int(cfg.bench.warmup_tokens),), generator=torch.Generator().manual_seed(1))
     eng.prefill(eng.new_states(), warm, cs)
-    libc = ctypes.CDLL("libc.so.6")
+    libc = glibc()
     libc.mallinfo2.restype = _MallInfo2
     mb, proc = 2**20, psutil.Process()
     rss0 = proc.memory_info().rss

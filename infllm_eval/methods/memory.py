@@ -99,8 +99,9 @@ class SlidingKV:
 
 
 class UnitStore:
-    """Memory units of one layer: one K and one V tensor [B, H_kv, block_size, D] per unit (in host memory with
-    offload), and the representative vectors of all units in one tensor [U, B, H, D] on the compute device.
+    """Memory units of one layer: each unit's K and V [B, H_kv, block_size, D] in slabs of `slab_units` units (in
+    host memory with offload; `unit_kv(u)` finds them), and the representative vectors of all units in one tensor
+    [U, B, H, D] on the compute device.
 
     A unit is written once into a slab and never moved: no buffer is regrown and copied as the context grows.
     CPU slabs are anonymous memory maps (`host_slab`): a slab's unwritten tail is not resident, and the heap's
@@ -118,9 +119,8 @@ class UnitStore:
         self.mapped = (offload and not self.pin) or like_k.device.type == "cpu"
         unit_bytes = B * Hkv * block_size * D * like_k.element_size()
         self.slab_units = max(64, SLAB_BYTES // unit_bytes) if self.mapped else 64
-        self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._k: list[torch.Tensor] = []  # per unit: a view into a slab
-        self._v: list[torch.Tensor] = []
+        self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (K, V) [slab_units, B, H_kv, block_size, D]
+        self.unit_bytes = 2 * unit_bytes  # K and V
         self._repr = like_k.new_empty(16, B, n_heads, D)
         self.n = 0
         # device cache (only with offload): slot tensors + unit -> slot, unit -> lru value
@@ -142,8 +142,8 @@ class UnitStore:
                                     torch.empty(shape, dtype=k.dtype, device="cpu" if self.offload else self.device,
                                                 pin_memory=self.pin) for _ in range(2)))
         sk, sv = self.slabs[-1]
-        self._k.append(sk[i].copy_(k, non_blocking=True))
-        self._v.append(sv[i].copy_(v, non_blocking=True))
+        sk[i].copy_(k, non_blocking=True)
+        sv[i].copy_(v, non_blocking=True)
         if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit
             new = self._repr.new_empty(self.n + max(16, self.n // 2), *self._repr.shape[1:])
             new[: self.n] = self._repr
@@ -157,7 +157,12 @@ class UnitStore:
 
     def nbytes_host(self) -> int:
         """Bytes of the stored units' K/V (in host memory with offload, else on the device)."""
-        return 2 * self.n * self._k[0].numel() * self._k[0].element_size() if self.n else 0
+        return self.n * self.unit_bytes
+
+    def unit_kv(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit u's stored K, V [B, H_kv, block_size, D] (views into its slab)."""
+        sk, sv = self.slabs[u // self.slab_units]
+        return sk[u % self.slab_units], sv[u % self.slab_units]
 
     def nbytes(self) -> int:
         """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload) or the
@@ -174,7 +179,8 @@ class UnitStore:
             slots = self._load(ids)
             ks, vs = [self.slot_k[s] for s in slots], [self.slot_v[s] for s in slots]
         else:
-            ks, vs = [self._k[u] for u in ids], [self._v[u] for u in ids]
+            pairs = [self.unit_kv(u) for u in ids]
+            ks, vs = [k for k, _ in pairs], [v for _, v in pairs]
         if tail is not None:
             ks, vs = ks + [tail[0]], vs + [tail[1]]
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
@@ -191,8 +197,9 @@ class UnitStore:
         free = sorted(set(range(self.max_cached_block)) - set(self.slot_of.values()))
         for u in missing:
             s = free.pop(0)
-            self.slot_k[s].copy_(self._k[u], non_blocking=True)
-            self.slot_v[s].copy_(self._v[u], non_blocking=True)
+            k, v = self.unit_kv(u)
+            self.slot_k[s].copy_(k, non_blocking=True)
+            self.slot_v[s].copy_(v, non_blocking=True)
             self.slot_of[u] = s
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
