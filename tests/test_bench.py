@@ -95,6 +95,7 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     assert (df["kv_device_mb"] > 0).all() and (df["mfu"] > 0).all()
     saved = pd.read_csv(out / "bench.csv")
     assert len(saved) == 2 and {"peak_matmul_gflop_s", "useful_gflop_s", "workspace_mb"} <= set(saved.columns)
+    assert set(saved["attention_backend"]) == {"cpu-flash"}
     assert (out / "bench_throughput.png").stat().st_size > 0 and (out / "bench_memory.png").is_file()
 
 

@@ -81,6 +81,7 @@ def test_run_writes_all_files_and_resumes(tmp_path):
     assert len(recs) == 2 and all(r["status"] == "ok" and r["n_input_tokens"] == 200 for r in recs)
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert {"git", "versions", "device_name", "seed", "task_fingerprint"} <= set(prov)
+    assert prov["attention_backend"] == "cpu-flash"
     summary = pd.read_csv(run_dir / "summary.csv")
     assert list(summary["depth"]) == [0.0, 1.0] and (summary["n"] == 1).all()
     assert "score" in r.stdout

@@ -315,3 +315,65 @@ def test_units_spanning_several_slabs_give_the_same_outputs(monkeypatch):
     logits = eng.prefill(states, ids, 256)
     assert len(states[0]["units"].slabs) >= 2
     assert torch.equal(logits, one[0]) and run(m, InfLLM(**SMALL), ids, 256)[1] == one[1]
+
+
+def _random_stages(device, dtype, L=70, H=6, H_kv=2, D=32, seed=3):
+    """InfLLM's three stage kinds: a banded local window with scores, an unmasked stage (units + init) with scores,
+    and a banded remainder; queries at positions 200..200+L-1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    p0 = 200
+    q = r(1, H, L, D)
+    return [kernels.Stage(q, r(1, H_kv, 80, D), r(1, H_kv, 80, D), k_start=p0 - 10, band=(0, 63), want_scores=True),
+            kernels.Stage(r(1, H, L, D), r(1, H_kv, 96, D), r(1, H_kv, 96, D), want_scores=True),
+            kernels.Stage(r(1, H, L, D), r(1, H_kv, 150, D), r(1, H_kv, 150, D), k_start=0, band=(64, kernels.INF))
+            ], torch.arange(p0, p0 + L, device=device)
+
+
+def _stages_both_ways(monkeypatch, stages, pos):
+    out_f, sc_f = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16)
+    monkeypatch.setattr(kernels, "USE_FUSED", False)
+    out_e, sc_e = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16)
+    monkeypatch.setattr(kernels, "USE_FUSED", True)
+    return (out_f, sc_f), (out_e, sc_e)
+
+
+def test_fused_stage_joins_the_softmax_exactly(monkeypatch):
+    """CPU: the unmasked stage through the fused kernel (log-sum-exp merge) = the explicit tiled path, output and
+    per-key scores of every stage; and the fused path did run (its backend is named)."""
+    assert kernels.fused_backend(torch.device("cpu"), torch.float32) == "cpu-flash"
+    stages, pos = _random_stages("cpu", torch.float32)
+    fused = []
+    real = kernels._fused_stage
+
+    def spy(st, scale):
+        r = real(st, scale)
+        fused.append(r is not None)
+        return r
+
+    monkeypatch.setattr(kernels, "_fused_stage", spy)
+    (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(monkeypatch, stages, pos)
+    assert fused == [True, False, False, False]  # the unmasked stage, in the first call only
+    assert (out_f - out_e).abs().max() <= 1e-5
+    for a, b in zip(sc_f, sc_e):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_stage_matches_cpu(dtype):
+    """CUDA: SDPA's memory-efficient kernel (fp32; bf16 without flash-attn) or flash-attn (bf16 with the `gpu`
+    extra) joins the softmax like the CPU path."""
+    want = "flash-attn" if dtype == torch.bfloat16 and kernels._flash_attn() else "sdpa-efficient"
+    assert kernels.fused_backend(torch.device("cuda"), dtype) == want
+    stages, pos = _random_stages("cpu", dtype)
+    ref, ref_sc = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16)
+    gpu = [kernels.Stage(s.q.cuda(), s.k.cuda(), s.v.cuda(), s.k_start, s.band, s.want_scores) for s in stages]
+    assert kernels._fused_stage(gpu[1], 32**-0.5) is not None  # the fused kernel takes these inputs
+    out, sc = kernels.multi_stage_attention(gpu, pos.cuda(), 32**-0.5, 16)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (out.float().cpu() - ref.float()).abs().max() <= tol
+    assert (sc[0].cpu() - ref_sc[0]).abs().max() <= tol * 10

@@ -71,22 +71,69 @@ def _single_stage_sdpa(st: Stage, p0: int, scale: float) -> torch.Tensor:
     return out
 
 
-def _fused_cpu_ok(st: Stage) -> bool:
-    """An unmasked stage can go through the fused CPU flash kernel: it returns the row log-sum-exp, so its softmax
-    joins the others exactly (its scores, when wanted, are recomputed from the joint log-sum-exp)."""
-    return (st.band is None and st.q.device.type == "cpu" and st.k.shape[2] > 0
-            and st.q.dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.aten,
-                                                                         "_scaled_dot_product_flash_attention_for_cpu"))
+def fused_backend(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The fused kernel that unmasked stages use on this device and dtype (recorded in provenance), or None.
+
+    - `cpu-flash`: torch's CPU flash kernel (fp32 / bf16), which returns the row log-sum-exp.
+    - `flash-attn`: `flash_attn_func(..., return_attn_probs=True)` on CUDA in fp16 / bf16 when the optional `gpu`
+      extra is installed; it returns the log-sum-exp and handles GQA itself.
+    - `sdpa-efficient`: torch's memory-efficient CUDA kernel with `compute_log_sumexp` otherwise (any float dtype).
+    """
+    if device.type == "cpu":
+        ok = dtype in (torch.float32, torch.bfloat16) and hasattr(torch.ops.aten,
+                                                                 "_scaled_dot_product_flash_attention_for_cpu")
+        return "cpu-flash" if ok else None
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None:
+            return "flash-attn"
+        return "sdpa-efficient"
+    return None
 
 
-def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked stage through the fused kernel: (output [B, H, L, D] fp32, log-sum-exp [B, H, L] fp32).
-    The G query heads of a KV group share its keys, so they are folded into the query axis (no K/V expansion)."""
+def _flash_attn():
+    """flash_attn.flash_attn_func, or None where the package is not installed (imported once)."""
+    global _FLASH
+    if _FLASH is None:
+        try:
+            from flash_attn import flash_attn_func
+
+            _FLASH = flash_attn_func
+        except ImportError:
+            _FLASH = False
+    return _FLASH or None
+
+
+_FLASH = None
+USE_FUSED = True  # tests switch it off to compare the fused stages with the explicit tiled path
+
+
+def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Unmasked stage through the fused kernel: (output [B, H, L, D] fp32, log-sum-exp [B, H, L] fp32), or None
+    when no fused kernel takes these inputs (the stage then runs on the explicit path).
+    The G query heads of a KV group share its keys, so (except for flash-attn, which does GQA itself) they are
+    folded into the query axis: no K/V expansion."""
+    if not USE_FUSED or st.band is not None or st.k.shape[2] == 0:
+        return None
+    backend = fused_backend(st.q.device, st.q.dtype)
     B, H, L, D = st.q.shape
     H_kv = st.k.shape[1]
     G = H // H_kv
+    if backend == "flash-attn":
+        o, lse, _ = _flash_attn()(st.q.transpose(1, 2), st.k.transpose(1, 2), st.v.transpose(1, 2),
+                                  softmax_scale=scale, causal=False, return_attn_probs=True)
+        return o.transpose(1, 2).float(), lse.float()
     q = st.q.reshape(B, H_kv, G * L, D)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, st.k, st.v, scale=scale)[:2]
+    if backend == "cpu-flash":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, st.k, st.v, scale=scale)[:2]
+    elif backend == "sdpa-efficient":
+        try:
+            o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, st.k, st.v, None, True,
+                                                                           scale=scale)[:2]
+        except RuntimeError:  # e.g. a head_dim or GPU the kernel does not support
+            return None
+        lse = lse[..., : G * L]  # the kernel pads the query axis of the log-sum-exp
+    else:
+        return None
     return o.float().reshape(B, H, L, D), lse.float().reshape(B, H, L)
 
 
@@ -99,9 +146,10 @@ def multi_stage_attention(
     mask is applied only where a tile straddles a band edge. Every query must see at least one key (the methods
     always put the query itself in the first stage).
 
-    On CPU, stages with neither a band nor wanted scores (InfLLM's retrieved units + initial tokens) go through the
-    fused flash kernel and join the softmax through their log-sum-exp; the others are computed per query tile with
-    the normalisation deferred to the [tile, D] output."""
+    Stages after the first without a band (InfLLM's retrieved units + initial tokens) go through a fused kernel
+    (`fused_backend`: CPU flash, flash-attn or SDPA's memory-efficient kernel on CUDA) and join the softmax through
+    their log-sum-exp (their scores, when wanted, are recomputed from the joint log-sum-exp); the others are
+    computed per query tile with the normalisation deferred to the [tile, D] output."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
@@ -113,10 +161,13 @@ def multi_stage_attention(
     ]
     if len(stages) == 1 and not stages[0].want_scores:
         return _single_stage_sdpa(stages[0], p0, scale), scores_out
-    fused = [i for i, st in enumerate(stages) if i > 0 and _fused_cpu_ok(st)]
-    o_f = lse_f = None
-    for i in fused:  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
-        o_i, lse_i = _fused_stage(stages[i], scale)
+    fused, o_f, lse_f = [], None, None
+    for i in range(1, len(stages)):  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
+        r = _fused_stage(stages[i], scale)
+        if r is None:
+            continue
+        fused.append(i)
+        o_i, lse_i = r
         if o_f is None:
             o_f, lse_f = o_i, lse_i
         else:
