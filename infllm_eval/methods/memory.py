@@ -46,12 +46,17 @@ def host_slab(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=numel).view(shape)
 
 
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A long-lived state buffer: on CPU in its own memory map (`host_slab`), so it never sits between the heap's
+    per-chunk temporaries (allocated among them, 30 layers' windows fragmented glibc's heap), else a plain tensor."""
+    return host_slab(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
+
+
 class SlidingKV:
     def __init__(self, like_k: torch.Tensor, n_heads: int, capacity: int):
         B, Hkv, _, D = like_k.shape
-        self.k = like_k.new_empty(B, Hkv, capacity, D)
-        self.v = like_k.new_empty(B, Hkv, capacity, D)
-        self.score = torch.zeros(B, n_heads, capacity, dtype=torch.float32, device=like_k.device)
+        self.k, self.v = (_buffer((B, Hkv, capacity, D), like_k.dtype, like_k.device) for _ in range(2))
+        self.score = _buffer((B, n_heads, capacity), torch.float32, like_k.device).zero_()
         self.off = 0  # buffer index of position `start`
         self.start = 0  # absolute position of the oldest kept token
         self.end = 0  # absolute position after the newest token
@@ -72,7 +77,7 @@ class SlidingKV:
         cap = max(self.k.shape[2], 2 * need)
         for name in ("k", "v", "score"):
             old = getattr(self, name)
-            new = old.new_empty(*old.shape[:2], cap, *old.shape[3:]) if cap != old.shape[2] else old
+            new = _buffer((*old.shape[:2], cap, *old.shape[3:]), old.dtype, old.device) if cap != old.shape[2] else old
             new[:, :, :used] = old[:, :, self.off : self.off + used].clone()
             setattr(self, name, new)
         self.off = 0
