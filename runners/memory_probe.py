@@ -5,7 +5,7 @@
     .venv/bin/python runners/memory_probe.py 32768 3                # ... and a torch.profiler table of chunk 3
 
 After the same untimed warm-up as `bench`, prefills LENGTH seeded random ids in `chunk_size` chunks and prints
-after each chunk: tokens/s, RSS growth, stored K/V (`method.kv_bytes`), their difference (the workspace `bench`
+after each chunk: tokens/s, RSS growth (and its peak during the chunk), stored K/V (`method.kv_bytes`), their difference (the workspace `bench`
 reports as a peak), and glibc's `mallinfo2` (heap arena, in use, free, mmapped). Where `bench` gives one peak per
 length, this shows when the memory grows. Chunk PROFILE_CHUNK (if given) runs under torch.profiler and its
 operators are printed by self CPU time (the profiler slows that chunk and adds memory).
@@ -20,6 +20,7 @@ import time
 import psutil
 import torch
 
+from infllm_eval.bench import _RssPeak
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
@@ -51,19 +52,21 @@ def main(argv: list[str]) -> None:
     print(f"{cfg.model.name} {cfg.method.name} {length} tokens, chunk {cs}; MB after each chunk")
     for i, st in enumerate(range(0, length, cs)):
         t = time.perf_counter()
-        if i == prof_chunk:
-            from torch.profiler import ProfilerActivity, profile
+        with _RssPeak() as peak:
+            if i == prof_chunk:
+                from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    eng.forward(states, ids[:, st : st + cs], st, logits=False)
+            else:
                 eng.forward(states, ids[:, st : st + cs], st, logits=False)
-        else:
-            eng.forward(states, ids[:, st : st + cs], st, logits=False)
         dt = time.perf_counter() - t
         kv = eng.method.kv_bytes(states)
         stored = (kv["device"] + kv["offloaded"]) / mb
         rss = (proc.memory_info().rss - rss0) / mb
         m = libc.mallinfo2()
         print(f"chunk {i} end {min(st + cs, length)}: {min(cs, length - st) / dt:.1f} tok/s | rss +{rss:.0f} "
+              f"(peak in chunk +{(peak.peak - rss0) / mb:.0f}) "
               f"stored {stored:.0f} workspace {rss - stored:.0f} | heap arena {m.arena / mb:.0f} "
               f"in use {m.uordblks / mb:.0f} free {m.fordblks / mb:.0f} mmapped {m.hblkhd / mb:.0f}", flush=True)
     if prof is not None:

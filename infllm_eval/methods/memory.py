@@ -47,8 +47,10 @@ def host_slab(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A long-lived state buffer: on CPU in its own memory map (`host_slab`), so it never sits between the heap's
-    per-chunk temporaries (allocated among them, 30 layers' windows fragmented glibc's heap), else a plain tensor."""
+    """A long-lived window buffer: on CPU in its own memory map (`host_slab`), so it never sits between the heap's
+    per-chunk temporaries, else a plain tensor. Measured on SmolLM2 InfLLM (runners/memory_probe.py 32768): with
+    the 30 layers' windows in the heap, memory beyond the stored K/V grew 252 -> 327 MB from the first 8K chunk to
+    the second; in maps it stays flat (353, 349, 345, 341)."""
     return host_slab(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
 
 
