@@ -12,7 +12,9 @@ decoded greedily. Measured per (method, length):
 - useful FLOPs: the linear layers (q/k/v/o projections and MLP, 2 FLOPs per weight per token; the LM head only
   where logits are needed) plus the attention the method computes (4 * heads * head_dim FLOPs per attended key,
   `method.attended_keys`), divided by the time, and compared with this machine's matmul peak measured in the same
-  run (best of several `bench.peak_matmul_size`^3 matmuls in the model dtype), so the ratio holds on any machine.
+  run (best of several `bench.peak_matmul_size`^3 matmuls in the model dtype, measured before the cells and again
+  in every cell after its warm-up; the best of all is the run's one denominator), so the ratio holds on any
+  machine.
 
 Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
 of `bench.warmup_tokens`. Lengths whose estimated K/V
@@ -186,11 +188,12 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         vocab = lm.model.config.vocab_size
         warm = torch.randint(0, vocab, (int(b.warmup_tokens),), generator=torch.Generator().manual_seed(1))
         eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))  # warm-up, not timed
+        cell_peak = matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size))
         avail = psutil.virtual_memory().available if lm.device.type == "cpu" else torch.cuda.mem_get_info(lm.device)[0]
         need = _estimate_kv_bytes(eng, length)
         row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                "chunk_size": int(cfg.chunk_size), "attention_backend": fused_backend(lm.device, lm.dtype),
-               "status": "ok"}
+               "cell_peak_gflop_s": round(cell_peak / 1e9, 1), "status": "ok"}
         if method == "full" and need > float(b.memory_fraction) * avail:
             row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
         else:
@@ -252,16 +255,20 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     from infllm_eval.models import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(base.device, base.dtype)
-    peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size))
+    peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size)) / 1e9
     rows = []
     for length in lengths:
         for m in methods:
-            row = {"model": base.model.name, "method": m, "length": length, "device": device_name(device),
-                   "peak_matmul_gflop_s": round(peak / 1e9, 1)}
+            row = {"model": base.model.name, "method": m, "length": length, "device": device_name(device)}
             row.update(_run_isolated(list(overrides), m, length))
-            if "useful_gflop_s" in row:
-                row["mfu"] = round(row["useful_gflop"] * 1e9 / row["prefill_s"] / peak, 5)
             rows.append(row)
+            # one denominator for the whole run: the best matmul measured so far (here, and in every cell after
+            # its warm-up), so a moment of lower clock or a noisy neighbour cannot inflate one row's MFU
+            peak = round(max([peak] + [r.get("cell_peak_gflop_s") or 0 for r in rows]), 1)
+            for r in rows:
+                r["peak_matmul_gflop_s"] = peak
+                if "useful_gflop_s" in r:
+                    r["mfu"] = round(r["useful_gflop_s"] / peak, 5)
             if on_row:
                 on_row(row)
             pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell

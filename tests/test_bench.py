@@ -96,6 +96,9 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     saved = pd.read_csv(out / "bench.csv")
     assert len(saved) == 2 and {"peak_matmul_gflop_s", "useful_gflop_s", "workspace_mb"} <= set(saved.columns)
     assert set(saved["attention_backend"]) == {"cpu-flash"}
+    peak = saved["peak_matmul_gflop_s"]  # one denominator: the best of the run's matmul measurements
+    assert peak.nunique() == 1 and (peak >= saved["cell_peak_gflop_s"]).all()
+    assert ((saved["mfu"] - saved["useful_gflop_s"] / peak).abs() < 1e-4).all()
     assert (out / "bench_throughput.png").stat().st_size > 0 and (out / "bench_memory.png").is_file()
 
 
