@@ -152,6 +152,23 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
     return row
 
 
+SUMMARY_COLUMNS = ("prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "workspace_mb", "mfu")
+
+
+def summarize_repeats(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, length) over the finished repeats: n, and median / min / max of the main columns."""
+    ok = df[df.status == "ok"]
+    out = []
+    for (method, length), g in ok.groupby(["method", "length"], sort=False):
+        row = {"method": method, "length": length, "n": len(g)}
+        for c in SUMMARY_COLUMNS:
+            if c in g and g[c].notna().any():
+                row[c] = round(float(g[c].median()), 4)
+                row[f"{c}_min"], row[f"{c}_max"] = round(float(g[c].min()), 4), round(float(g[c].max()), 4)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def _plot(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -164,7 +181,8 @@ def _plot(df: pd.DataFrame, out: Path) -> list[Path]:
                              ("peak_host_mb", "peak host memory (MB)", "bench_memory.png")]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, g in ok.groupby("method"):
-            ax.plot(g["length"], g[col], marker="o", label=method)
+            med = g.groupby("length")[col].median()  # with bench.repeats > 1: the median per length
+            ax.plot(med.index, med.values, marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
@@ -257,23 +275,28 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     device, dtype = resolve_device_dtype(base.device, base.dtype)
     peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size)) / 1e9
     rows = []
-    for length in lengths:
-        for m in methods:
-            row = {"model": base.model.name, "method": m, "length": length, "device": device_name(device)}
-            row.update(_run_isolated(list(overrides), m, length))
-            rows.append(row)
-            # one denominator for the whole run: the best matmul measured so far (here, and in every cell after
-            # its warm-up), so a moment of lower clock or a noisy neighbour cannot inflate one row's MFU
-            peak = round(max([peak] + [r.get("cell_peak_gflop_s") or 0 for r in rows]), 1)
-            for r in rows:
-                r["peak_matmul_gflop_s"] = peak
-                if "useful_gflop_s" in r:
-                    r["mfu"] = round(r["useful_gflop_s"] / peak, 5)
-            if on_row:
-                on_row(row)
-            pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell
+    cells = [(length, rep, m) for length in lengths for rep in range(int(b.get("repeats", 1))) for m in methods]
+    for length, rep, m in cells:  # methods interleaved within each repeat, so drift hits all of them alike
+        row = {"model": base.model.name, "method": m, "length": length, "repeat": rep,
+               "device": device_name(device)}
+        row.update(_run_isolated(list(overrides), m, length))
+        rows.append(row)
+        # one denominator for the whole run: the best matmul measured so far (here, and in every cell after
+        # its warm-up), so a moment of lower clock or a noisy neighbour cannot inflate one row's MFU
+        peak = round(max([peak] + [r.get("cell_peak_gflop_s") or 0 for r in rows]), 1)
+        for r in rows:
+            r["peak_matmul_gflop_s"] = peak
+            if "useful_gflop_s" in r:
+                r["mfu"] = round(r["useful_gflop_s"] / peak, 5)
+        if on_row:
+            on_row(row)
+        pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell
     df = pd.DataFrame(rows)
     md = to_markdown(df)
+    if int(b.get("repeats", 1)) > 1:
+        summary = summarize_repeats(df)
+        summary.to_csv(out / "bench_summary.csv", index=False)
+        md += "\nMedian, min and max over the repeats:\n\n" + to_markdown(summary)
     if int(b.get("prompt_build_length") or 0) > 0:
         pb = prompt_build_seconds(base, int(b.prompt_build_length))
         pd.DataFrame([pb]).to_csv(out / "prompt_build.csv", index=False)
@@ -287,6 +310,9 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
 
 def bench_config_check(cfg: DictConfig) -> None:
     """Light validation of the bench node (called by the CLI before any model loads)."""
+    r = cfg.bench.get("repeats", 1)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"bench.repeats must be a positive integer, got {r!r}.")
     for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size", "prompt_build_length"):
         v = cfg.bench.get(key)
         if not isinstance(v, int) or v < 0:

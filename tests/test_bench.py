@@ -107,3 +107,17 @@ def test_bench_rejects_bad_settings_before_loading_anything(tmp_path):
         run_bench(["model=tiny-llama", "bench.decode_tokens=-1", f"bench.output_dir={tmp_path}"])
     with pytest.raises(UserError, match="bench.lengths"):
         run_bench(["model=tiny-llama", "bench.lengths=[]", f"bench.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match="bench.repeats"):
+        run_bench(["model=tiny-llama", "bench.repeats=0", f"bench.output_dir={tmp_path}"])
+
+
+def test_bench_repeats_give_one_row_each_and_a_median_summary(tmp_path):
+    df, out = run_bench(["model=tiny-llama", "bench.methods=[streamingllm]", "bench.lengths=[128]",
+                         "bench.repeats=3", "bench.decode_tokens=1", "bench.warmup_tokens=16",
+                         "bench.peak_matmul_size=128", "chunk_size=64", "bench.prompt_build_length=0",
+                         f"bench.output_dir={tmp_path}"])
+    assert list(df["repeat"]) == [0, 1, 2] and set(df["status"]) == {"ok"}
+    s = pd.read_csv(out / "bench_summary.csv").iloc[0]
+    assert s["n"] == 3 and s["prefill_tok_s"] == df["prefill_tok_s"].median()
+    assert s["prefill_tok_s_min"] <= s["prefill_tok_s"] <= s["prefill_tok_s_max"]
+    assert "Median, min and max over the repeats" in (out / "bench.md").read_text()
