@@ -22,7 +22,9 @@ from infllm_eval.models import load_model, render_chat
 from infllm_eval.tasks import make_task
 
 
-def main(argv: list[str]) -> None:
+def passkey_sample(argv: list[str]):
+    """LENGTH DEPTH [INDEX] [OVERRIDES...] -> (cfg, loaded model, sample, the sample's per-token needle units):
+    the passkey sample exactly as `infllm-eval run` builds it, with SmolLM2's InfLLM preset unless overridden."""
     length, depth = int(argv[0]), float(argv[1])
     index = int(argv[2]) if len(argv) > 2 and "=" not in argv[2] else 0
     extra = [a for a in argv[2:] if "=" in a]
@@ -34,7 +36,15 @@ def main(argv: list[str]) -> None:
     sample = task.build(next(s for s in task.sample_specs() if s["index"] == index))
     p = cfg.method.params
     at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
-    needle_units = sorted({(t - p.n_init) // p.block_size for t in range(at, at + n) if t >= p.n_init})
+    unit_of = [(t - p.n_init) // p.block_size for t in range(at, at + n) if t >= p.n_init]
+    return cfg, lm, sample, unit_of
+
+
+def main(argv: list[str]) -> None:
+    cfg, lm, sample, unit_of = passkey_sample(argv)
+    p = cfg.method.params
+    at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
+    needle_units = sorted(set(unit_of))
     print(f"needle tokens [{at}, {at + n}) -> units {needle_units}; key {sample.meta['key']}; topk {p.topk}")
 
     log: list[tuple[int, dict, dict]] = []

@@ -16,27 +16,17 @@ import sys
 
 import torch
 
-from infllm_eval.config import compose
+from needle_ranks import passkey_sample  # same folder
+
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
 from infllm_eval.methods.infllm import InfLLM
-from infllm_eval.models import load_model, render_chat
-from infllm_eval.tasks import make_task
 
 
 def main(argv: list[str]) -> None:
-    length, depth = int(argv[0]), float(argv[1])
-    index = int(argv[2]) if len(argv) > 2 and "=" not in argv[2] else 0
-    extra = [a for a in argv[2:] if "=" in a]
-    cfg = compose(["method=infllm", "task=passkey", f"task.lengths=[{length}]", f"task.depths=[{depth}]",
-                   f"task.samples={index + 1}", *extra])
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    render = (lambda t: render_chat(lm, t)) if cfg.model.chat_template else (lambda t: t)
-    task = make_task(cfg.task, lm.tokenizer, render, answer_prefix=bool(cfg.model.answer_prefix), seed=cfg.seed)
-    sample = task.build(next(s for s in task.sample_specs() if s["index"] == index))
+    cfg, lm, sample, unit_of = passkey_sample(argv)
     p = cfg.method.params
-    at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
-    unit_of = [(t - p.n_init) // p.block_size for t in range(at, at + n) if t >= p.n_init]
+    n = sample.meta["needle_n_tokens"]
     needle = sorted(set(unit_of))
     print(f"needle units {needle} holding {[unit_of.count(u) for u in needle]} of its {n} tokens; topk {p.topk}")
 
