@@ -67,6 +67,58 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class Workspace:
+    """Named activation buffers kept across forward passes; each grows (never shrinks) to the largest chunk seen."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A contiguous [rows, cols] view of buffer `name` (contents undefined)."""
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            self.bufs.pop(name, None)  # free the old one before allocating the larger one
+            buf = self.bufs[name] = torch.empty(rows * cols, device=self.device, dtype=self.dtype)
+        return buf[: rows * cols].view(rows, cols)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bufs.values())
+
+
+def _linear(lin: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = lin(x) for 2-D x, written into `out` (the same BLAS call F.linear makes)."""
+    if lin.bias is None:
+        torch.mm(x, lin.weight.t(), out=out)
+    else:
+        torch.addmm(lin.bias, x, lin.weight.t(), out=out)
+
+
+def _rms_norm(norm, h: torch.Tensor, out: torch.Tensor, var: torch.Tensor) -> None:
+    """out = norm(h) for Llama/Mistral/Qwen2's RMSNorm: weight * (h * rsqrt(mean(h^2) + eps)), in fp32 like HF.
+    Other dtypes go through the module (it upcasts to fp32 and back, which needs temporaries anyway)."""
+    if h.dtype != torch.float32:
+        out.copy_(norm(h))
+        return
+    torch.mul(h, h, out=out)
+    torch.mean(out, dim=-1, keepdim=True, out=var)
+    var.add_(norm.variance_epsilon).rsqrt_()
+    torch.mul(h, var, out=out)
+    out.mul_(norm.weight)
+
+
+def _gated_mlp(mlp, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+    """out = down_proj(act(gate_proj(x)) * up_proj(x)), the MLP of Llama/Mistral/Qwen2, into fixed buffers."""
+    _linear(mlp.gate_proj, x, gate)
+    if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"):  # torch's and transformers' SiLU modules
+        torch.nn.functional.silu(gate, inplace=True)
+    else:
+        gate.copy_(mlp.act_fn(gate))
+    _linear(mlp.up_proj, x, up)
+    gate.mul_(up)
+    _linear(mlp.down_proj, gate, out)
+
+
 class Engine:
     """Runs one model with one context method. `generate` handles one sample at a time (batch size 1)."""
 
@@ -84,31 +136,51 @@ class Engine:
             # 8192 x 1536 took 49 ms, mostly page faults)
             inter = getattr(model.config, "intermediate_size", 0) or 1
             self.mlp_rows = max(256, MMAP_THRESHOLD // (inter * torch.finfo(dtype).bits // 8) // 256 * 256)
+        self.ws = Workspace(device, dtype)
         method.bind(model, self.spec)
 
     # -- one forward pass over new tokens ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, states: list, ids: torch.Tensor, start: int, logits: bool) -> torch.Tensor | None:
-        """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked."""
-        s = self.spec
-        h = self.inner.embed_tokens(ids)  # [1, L, hidden]
-        B, L, _ = h.shape
+        """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked.
+
+        The chunk's activations (hidden states, normed input, q/k/v, attention output, MLP slices) live in buffers
+        the engine keeps from chunk to chunk (`Workspace`), written with `out=` ops: no large temporary is
+        allocated per layer, so the heap does not fragment and the workspace does not depend on the run's history.
+        Same math, op for op, as the HF modules (RMSNorm, Linear, gated MLP)."""
+        s, ws = self.spec, self.ws
+        L = ids.shape[1]
+        hidden = self.model.config.hidden_size
+        h = ws.get("h", L, hidden)
+        torch.index_select(self.inner.embed_tokens.weight, 0, ids[0], out=h)
+        x, var = ws.get("x", L, hidden), ws.get("var", L, 1)
+        q = ws.get("q", L, s.n_heads * s.head_dim)
+        k, v = ws.get("k", L, s.n_kv_heads * s.head_dim), ws.get("v", L, s.n_kv_heads * s.head_dim)
+        o_flat = ws.get("o", L, s.n_heads * s.head_dim)
+        rows = min(L, self.mlp_rows or L)
+        inter = self.model.config.intermediate_size
+        gate, up, down = ws.get("gate", rows, inter), ws.get("up", rows, inter), ws.get("down", rows, hidden)
         pos = torch.arange(start, start + L, device=self.device)
         for layer, state in zip(self.inner.layers, states):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, L, s.n_heads, s.head_dim).transpose(1, 2)  # [B, H, L, D]
-            k = attn.k_proj(x).view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)  # [B, H_kv, L, D]
-            v = attn.v_proj(x).view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
-            o = self.method.attend(state, q, k, v, pos)  # [B, H, L, D]
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, L, s.n_heads * s.head_dim))
-            x = layer.post_attention_layernorm(h)
-            rows = self.mlp_rows or L
+            _rms_norm(layer.input_layernorm, h, x, var)
+            _linear(attn.q_proj, x, q)
+            _linear(attn.k_proj, x, k)
+            _linear(attn.v_proj, x, v)
+            o = self.method.attend(state, q.view(1, L, s.n_heads, s.head_dim).transpose(1, 2),
+                                   k.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2),
+                                   v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos)  # [1, H, L, D]
+            o_flat.view(1, L, s.n_heads, s.head_dim).copy_(o.transpose(1, 2))
+            _linear(attn.o_proj, o_flat, x)  # x is free until the next norm
+            h.add_(x)
+            _rms_norm(layer.post_attention_layernorm, h, x, var)
             for r in range(0, L, rows):  # the MLP is per token: row slices give the same result
-                h[:, r : r + rows] += layer.mlp(x[:, r : r + rows])
+                n = min(rows, L - r)
+                _gated_mlp(layer.mlp, x[r : r + n], gate[:n], up[:n], down[:n])
+                h[r : r + n].add_(down[:n])
         if not logits:
             return None
-        return self.model.lm_head(self.inner.norm(h[:, -1:]))[0, -1].float()
+        return self.model.lm_head(self.inner.norm(h[-1:]))[-1].float()
 
     def new_states(self) -> list:
         return [self.method.new_state(i) for i in range(self.spec.n_layers)]

@@ -55,13 +55,14 @@ def main(argv: list[str]) -> None:
         s["layer"] = i
         return s
 
-    def traced_plan(self, state, q_glob, st, L):
+    def traced_plan(self, state, q, st, L):
         if L == 1 and state["units"].n > self.topk:  # a decoding-style lookup (one query)
+            q_glob = self._global_q(q)
             per_head = self.unit_scores(q_glob[:, None, :, 0].float(), state["units"])[0]  # [H, U]
             rank = lambda s, u: int((s.argsort(descending=True) == u).nonzero())  # noqa: E731
             log.append((state["layer"], {u: rank(per_head.sum(0), u) for u in needle_units},
                         {u: min(rank(per_head[h], u) for h in range(per_head.shape[0])) for u in needle_units}))
-        return plan(self, state, q_glob, st, L)
+        return plan(self, state, q, st, L)
 
     InfLLM.new_state, InfLLM._plan_topk = traced_state, traced_plan
     eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)

@@ -48,10 +48,10 @@ def main(argv: list[str]) -> None:
         units.setdefault(layer_now[0], []).append((k[0].clone(), score[0].clone()))
         return orig[2](self, k, score)
 
-    def plan_topk(self, state, q_glob, st, L):
+    def plan_topk(self, state, q, st, L):
         if L == 1 and state["layer"] not in query:
-            query[state["layer"]] = q_glob[0, :, 0].float().clone()
-        return orig[3](self, state, q_glob, st, L)
+            query[state["layer"]] = self._global_q(q)[0, :, 0].float().clone()
+        return orig[3](self, state, q, st, L)
 
     InfLLM.new_state, InfLLM.attend, InfLLM._representative, InfLLM._plan_topk = (new_state, attend,
                                                                                     representative, plan_topk)

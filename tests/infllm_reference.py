@@ -28,7 +28,7 @@ class DenseInfLLM(ContextMethod):
         fix = p.get("prefill_mask_fix", True)
         H, Hkv = q.shape[1], k.shape[1]
         G = H // Hkv
-        st["k"].append(k[0]), st["v"].append(v[0])
+        st["k"].append(k[0].clone()), st["v"].append(v[0].clone())  # k, v are engine buffers
         K, V = torch.cat(st["k"], dim=1).double(), torch.cat(st["v"], dim=1).double()  # [Hkv, N, D]
         N = K.shape[1]
         if st["score"] is None:
@@ -98,7 +98,7 @@ class DenseWindow(ContextMethod):
 
     def attend(self, st, q, k, v, pos):
         n_local, n_init, scheme = self.params["n_local"], self.params["n_init"], self.params["scheme"]
-        st["k"].append(k[0]), st["v"].append(v[0])
+        st["k"].append(k[0].clone()), st["v"].append(v[0].clone())  # k, v are engine buffers
         K, V = torch.cat(st["k"], 1), torch.cat(st["v"], 1)
         H, Hkv = q.shape[1], K.shape[0]
         rot = lambda x, positions: self.rope.rotate(x[None].float(), torch.as_tensor(positions))[0].double()

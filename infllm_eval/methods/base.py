@@ -57,7 +57,10 @@ class ContextMethod:
         raise NotImplementedError
 
     def attend(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D]."""
+        """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D].
+
+        q, k and v are views of the engine's reusable buffers, valid only during this call: copy what the state
+        keeps (the next layer overwrites them)."""
         raise NotImplementedError
 
     # -- accounting for `infllm-eval bench` ---------------------------------------------------------------------

@@ -116,22 +116,25 @@ class InfLLM(ContextMethod):
             state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
                                        p["cache_strategy"], p.get("score_decay"))
         rem: SlidingKV = state["rem"]
-        # every global query sits at `dist`; global keys are un-rotated (position 0)
-        q_glob = self.rope.rotate(q, torch.tensor([self.dist], device=q.device))
         out = q.new_empty(q.shape)
         plan = None
         for st in range(0, L, self.exc):
             ed = min(L, st + self.exc)
             if plan is None or not plan:
-                plan = self._plan_topk(state, q_glob, st, L)
+                plan = self._plan_topk(state, q, st, L)
             sel = plan.pop(0)
             rem.append(k[:, :, st:ed], v[:, :, st:ed])
-            out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], q_glob[:, :, st:ed], pos[st:ed],
+            out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], self._global_q(q[:, :, st:ed]), pos[st:ed],
                                                 p_first + st, p_first + ed, sel)
             self._append_global(state, p_first + ed)
         return out
 
-    def _plan_topk(self, state, q_glob, st: int, L: int) -> list:
+    def _global_q(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries as they meet distant keys: every global query sits at `dist` (global keys are un-rotated, at
+        position 0). Rotated per execution block, so no chunk-sized temporaries."""
+        return self.rope.rotate(q, torch.tensor([self.dist], device=q.device))
+
+    def _plan_topk(self, state, q, st: int, L: int) -> list:
         """Unit selections for the next execution block(s): one, or `chunk_topk_calc // exc_block_size` at once."""
         ctc = self.params.get("chunk_topk_calc")
         n_blocks = 1 if ctc is None else max(1, ctc // self.exc)
@@ -142,7 +145,7 @@ class InfLLM(ContextMethod):
         if units.n <= self.topk:  # reference: with no more units than topk, every unit is used
             every = list(range(units.n))
             return [torch.arange(units.n).expand(self.spec.n_heads, -1) if self.perhead else every for _ in blocks]
-        qm = torch.stack([q_glob[:, :, s:e].float().mean(dim=2) for s, e in blocks], dim=1)  # [B, nb, H, D]
+        qm = torch.stack([self._global_q(q[:, :, s:e]).float().mean(dim=2) for s, e in blocks], dim=1)  # [B, nb, H, D]
         per_head = self.unit_scores(qm, units)  # [nb, H, U]
         if self.perhead:
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
