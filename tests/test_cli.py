@@ -33,7 +33,7 @@ def test_config_resolves_per_model_preset_and_user_override():
     r = cli("config", "model=llama3", "method=infllm", "preset=llama3-infbench", "method.params.topk=48")
     assert "topk: 48" in r.stdout and "max_cached_block: 64" in r.stdout
     r = cli("config", "model=smollm2", "method=infllm")
-    assert "n_local: 2048" in r.stdout and "topk: 32" in r.stdout
+    assert "n_local: 2048" in r.stdout and "topk: 32" in r.stdout and "repr_topk: 1" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
