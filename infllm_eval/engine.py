@@ -131,9 +131,9 @@ class Engine:
         self.mlp_rows = None  # tokens per MLP call; None = the whole chunk
         if device.type == "cpu":
             _keep_freed_memory_on_cpu()
-            # glibc serves blocks above its mmap threshold (32 MB at most) with fresh pages that fault on every
-            # use; slicing keeps the MLP's [rows, intermediate] temporaries below it (measured: SiLU on SmolLM2's
-            # 8192 x 1536 took 49 ms, mostly page faults)
+            # the MLP runs on row slices whose [rows, intermediate] buffers stay below glibc's mmap threshold
+            # (32 MB at most); introduced when they were per-call temporaries (fresh pages that faulted on every
+            # use: SiLU on SmolLM2's 8192 x 1536 took 49 ms); with the Workspace it now bounds the buffers' size
             inter = getattr(model.config, "intermediate_size", 0) or 1
             self.mlp_rows = max(256, MMAP_THRESHOLD // (inter * torch.finfo(dtype).bits // 8) // 256 * 256)
         self.ws = Workspace(device, dtype)
