@@ -393,3 +393,21 @@ def test_cuda_fused_stage_matches_cpu(dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert (out.float().cpu() - ref.float()).abs().max() <= tol
     assert (sc[0].cpu() - ref_sc[0]).abs().max() <= tol * 10
+
+
+def test_band_mask_on_edge_columns_equals_the_full_mask():
+    """The explicit path masks only the edge columns of a tile; for bands with and without an upper bound, tiles
+    inside, across and beyond the band's edges, that equals masking every (query, key) pair by its distance."""
+    g = torch.Generator().manual_seed(0)
+    for band in [(0, 7), (0, kernels.INF), (5, kernels.INF), (3, 40), (0, 0)]:
+        for _ in range(40):
+            q0 = int(torch.randint(0, 100, (1,), generator=g))
+            tq = int(torch.randint(1, 20, (1,), generator=g))
+            k0 = int(torch.randint(0, 100, (1,), generator=g))
+            nk = int(torch.randint(1, 60, (1,), generator=g))
+            lg = torch.randn(2, 3, tq, nk, generator=g)
+            ok = kernels._tile_mask(q0, q0 + tq, k0, k0 + nk, band, "cpu")
+            want = lg if ok is None else lg.masked_fill(~ok, -kernels.INF)
+            got = lg.clone()
+            kernels._mask_band_edges(got, q0, q0 + tq, k0, k0 + nk, band)
+            assert torch.equal(got, want), (band, q0, tq, k0, nk)

@@ -51,6 +51,20 @@ def _tile_mask(q0: int, q1: int, k0: int, k1: int, band, device) -> torch.Tensor
     return ok
 
 
+def _mask_band_edges(lg: torch.Tensor, q0: int, q1: int, k0: int, k1: int, band) -> None:
+    """Set to -inf the logits lg [..., q1-q0, k1-k0] of keys outside their query's band. Only the edge columns are
+    touched: keys between positions q1-1-hi and q0-lo are in band for every query of the tile, so the mask is
+    built and applied on at most two slices of < q1-q0 columns each, never on the whole tile."""
+    lo, hi = band
+    left = k0 if hi == INF else min(k1, max(k0, int(q1 - 1 - hi)))  # [k0, left): too far for some queries
+    right = max(left, min(k1, int(q0 - lo) + 1))  # [right, k1): too near (or in the future) for some queries
+    for c0, c1 in ((k0, left), (right, k1)):
+        if c1 > c0:
+            ok = _tile_mask(q0, q1, c0, c1, band, lg.device)
+            if ok is not None:
+                lg[..., c0 - k0 : c1 - k0].masked_fill_(~ok, -INF)
+
+
 SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
 
 
@@ -193,9 +207,7 @@ def multi_stage_attention(
             qt = qs[i][:, :, s:e].reshape(B, H_kv, G * tq, D)
             lg = torch.matmul(qt, ks[i][:, :, a:b].transpose(-1, -2)).view(B, H_kv, G, tq, b - a)
             if st.band is not None:
-                ok = _tile_mask(p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band, q0.device)
-                if ok is not None:  # the tile straddles a band edge
-                    lg.masked_fill_(~ok, -INF)
+                _mask_band_edges(lg, p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band)
             logits[i] = lg
         # one softmax over all stages without concatenating them: shared row max, in-place exp, shared sum
         m = torch.stack([lg.amax(dim=-1) for lg in logits.values()]).amax(dim=0)  # [B, H_kv, G, tq]
