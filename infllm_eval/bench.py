@@ -14,7 +14,9 @@ decoded greedily. Measured per (method, length):
   `method.attended_keys`), divided by the time, and compared with this machine's matmul peak measured in the same
   run (best of several `bench.peak_matmul_size`^3 matmuls in the model dtype, measured before the cells and again
   in every cell after its warm-up; the best of all is the run's one denominator), so the ratio holds on any
-  machine.
+  machine;
+- the last prefill chunk alone (`last_chunk_tok_s`, `last_chunk_mfu`): the per-token cost at that length once
+  the method's memory has filled, where the whole-prompt figure also averages over the cheaper first chunks.
 
 Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
 of `bench.warmup_tokens`. Lengths whose estimated K/V
@@ -118,8 +120,17 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
     with _RssPeak() as rss:
         states = engine.new_states()
         _sync(dev)
+        chunks, last = [], []  # (start, end, seconds) per prefill chunk; the clock at the previous lap
+
+        def lap(st: int, ed: int) -> None:
+            _sync(dev)
+            now = time.perf_counter()
+            chunks.append((st, ed, now - last[-1]))
+            last.append(now)
+
         t0 = time.perf_counter()
-        logits = engine.prefill(states, ids, chunk_size)
+        last.append(t0)
+        logits = engine.prefill(states, ids, chunk_size, on_chunk=lap)
         _sync(dev)
         t1 = time.perf_counter()
         n = ids.numel()
@@ -149,10 +160,16 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
         "useful_gflop": round(flops / 1e9, 4),
         "useful_gflop_s": round(flops / prefill_s / 1e9, 2),
     }
+    if chunks:  # the last chunk alone: the per-token cost at this length, once the method's memory is filled
+        st, ed, sec = chunks[-1]
+        row["last_chunk_tokens"] = ed - st
+        row["last_chunk_tok_s"] = round((ed - st) / sec, 1)
+        row["last_chunk_useful_gflop_s"] = round(useful_flops(engine, st, ed - st, with_lm_head=0) / sec / 1e9, 2)
     return row
 
 
-SUMMARY_COLUMNS = ("prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "workspace_mb", "mfu")
+SUMMARY_COLUMNS = ("prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "workspace_mb", "mfu", "last_chunk_tok_s",
+                   "last_chunk_mfu")
 
 
 def summarize_repeats(df: pd.DataFrame) -> pd.DataFrame:
@@ -288,6 +305,8 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
             r["peak_matmul_gflop_s"] = peak
             if "useful_gflop_s" in r:
                 r["mfu"] = round(r["useful_gflop_s"] / peak, 5)
+            if "last_chunk_useful_gflop_s" in r:
+                r["last_chunk_mfu"] = round(r["last_chunk_useful_gflop_s"] / peak, 5)
         if on_row:
             on_row(row)
         pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell

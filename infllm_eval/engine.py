@@ -187,14 +187,18 @@ class Engine:
 
     @torch.no_grad()
     def prefill(
-        self, states: list, prompt: torch.Tensor, chunk_size: int, deadline: float | None = None
+        self, states: list, prompt: torch.Tensor, chunk_size: int, deadline: float | None = None,
+        on_chunk=None,
     ) -> torch.Tensor:
-        """Feeds prompt[:-1] in chunks, then the last token alone; returns the logits after the prompt."""
+        """Feeds prompt[:-1] in chunks, then the last token alone; returns the logits after the prompt.
+        `on_chunk(start, end)`, if given, is called after each chunk (`bench` times the chunks with it)."""
         ids = prompt.view(1, -1).to(self.device)
         n = ids.shape[1]
         for st in range(0, n - 1, chunk_size):
             _check_deadline(deadline)
             self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
+            if on_chunk is not None:
+                on_chunk(st, min(st + chunk_size, n - 1))
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()

@@ -99,6 +99,11 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     peak = saved["peak_matmul_gflop_s"]  # one denominator: the best of the run's matmul measurements
     assert peak.nunique() == 1 and (peak >= saved["cell_peak_gflop_s"]).all()
     assert ((saved["mfu"] - saved["useful_gflop_s"] / peak).abs() < 1e-4).all()
+    # the last chunk alone: positions 128..190 (prompt[:-1] in chunks of 64), timed within the prefill
+    assert (saved["last_chunk_tokens"] == 63).all()
+    assert (saved["last_chunk_tok_s"] > 0).all() and (saved["last_chunk_mfu"] > 0).all()
+    assert ((saved["last_chunk_mfu"] - saved["last_chunk_useful_gflop_s"] / peak).abs() < 1e-4).all()
+    assert (63 / saved["last_chunk_tok_s"] < saved["prefill_s"]).all()
     assert (out / "bench_throughput.png").stat().st_size > 0 and (out / "bench_memory.png").is_file()
 
 
