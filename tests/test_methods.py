@@ -411,3 +411,19 @@ def test_band_mask_on_edge_columns_equals_the_full_mask():
             got = lg.clone()
             kernels._mask_band_edges(got, q0, q0 + tq, k0, k0 + nk, band)
             assert torch.equal(got, want), (band, q0, tq, k0, nk)
+
+
+def test_logits_scratch_is_reused_and_carries_nothing_between_calls():
+    """The explicit path writes its logits into long-lived per-stage buffers: a call with other inputs in between
+    (larger, so the buffers grow) leaves a repeated call's outputs and scores bit-identical, and same-sized calls
+    reuse the buffers instead of allocating new ones."""
+    a, pos_a = _random_stages("cpu", torch.float32, seed=3)
+    b, pos_b = _random_stages("cpu", torch.float32, L=90, seed=4)
+    out1, sc1 = kernels.multi_stage_attention(a, pos_a, 32**-0.5, 16)
+    ptrs = {key: buf.data_ptr() for key, buf in kernels._SCRATCH.items()}
+    kernels.multi_stage_attention(a, pos_a, 32**-0.5, 16)
+    assert ptrs and {key: buf.data_ptr() for key, buf in kernels._SCRATCH.items()} == ptrs
+    kernels.multi_stage_attention(b, pos_b, 32**-0.5, 32)
+    out2, sc2 = kernels.multi_stage_attention(a, pos_a, 32**-0.5, 16)
+    assert torch.equal(out1, out2)
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(sc1, sc2))

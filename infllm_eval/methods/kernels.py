@@ -65,6 +65,22 @@ def _mask_band_edges(lg: torch.Tensor, q0: int, q1: int, k0: int, k1: int, band)
                 lg[..., c0 - k0 : c1 - k0].masked_fill_(~ok, -INF)
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(slot: int, n: int, device) -> torch.Tensor:
+    """A flat fp32 buffer of >= n elements for the logits of stage `slot`, kept across calls and grown (x1.25),
+    never shrunk. The logits tile is the largest temporary of the explicit path and its width changes while a
+    method's memory fills; one long-lived buffer per stage keeps those sizes from fragmenting the heap."""
+    key = (torch.device(device), slot)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, int(1.25 * buf.numel()) if buf is not None else n), dtype=torch.float32,
+                          device=device)
+        _SCRATCH[key] = buf
+    return buf
+
+
 SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
 
 
@@ -193,6 +209,8 @@ def multi_stage_attention(
     qs = {i: stages[i].q.float() * scale for i in rest}
     ks = {i: stages[i].k.float() for i in rest}
     vs = {i: stages[i].v.float() for i in rest}
+    n_tile = B * H_kv * G * min(q_tile, L)
+    bufs = {i: _scratch(i, n_tile * stages[i].k.shape[2], q0.device) for i in rest}  # logits, reused by every tile
     for s in range(0, L, q_tile):
         e = min(L, s + q_tile)
         tq = e - s
@@ -204,8 +222,10 @@ def multi_stage_attention(
             spans[i] = (a, b)
             if b == a:
                 continue
-            qt = qs[i][:, :, s:e].reshape(B, H_kv, G * tq, D)
-            lg = torch.matmul(qt, ks[i][:, :, a:b].transpose(-1, -2)).view(B, H_kv, G, tq, b - a)
+            qt = qs[i][:, :, s:e].reshape(B * H_kv, G * tq, D)
+            lg = bufs[i][: B * H_kv * G * tq * (b - a)].view(B * H_kv, G * tq, b - a)
+            torch.bmm(qt, ks[i][:, :, a:b].reshape(B * H_kv, b - a, D).transpose(-1, -2), out=lg)
+            lg = lg.view(B, H_kv, G, tq, b - a)
             if st.band is not None:
                 _mask_band_edges(lg, p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band)
             logits[i] = lg
