@@ -120,16 +120,13 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
     with _RssPeak() as rss:
         states = engine.new_states()
         _sync(dev)
-        chunks, last = [], []  # (start, end, seconds) per prefill chunk; the clock at the previous lap
+        laps = []  # (start, end, clock) after each prefill chunk
 
         def lap(st: int, ed: int) -> None:
             _sync(dev)
-            now = time.perf_counter()
-            chunks.append((st, ed, now - last[-1]))
-            last.append(now)
+            laps.append((st, ed, time.perf_counter()))
 
         t0 = time.perf_counter()
-        last.append(t0)
         logits = engine.prefill(states, ids, chunk_size, on_chunk=lap)
         _sync(dev)
         t1 = time.perf_counter()
@@ -160,8 +157,9 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
         "useful_gflop": round(flops / 1e9, 4),
         "useful_gflop_s": round(flops / prefill_s / 1e9, 2),
     }
-    if chunks:  # the last chunk alone: the per-token cost at this length, once the method's memory is filled
-        st, ed, sec = chunks[-1]
+    if laps:  # the last chunk alone: the per-token cost at this length, once the method's memory is filled
+        st, ed, t_end = laps[-1]
+        sec = t_end - (laps[-2][2] if len(laps) > 1 else t0)
         row["last_chunk_tokens"] = ed - st
         row["last_chunk_tok_s"] = round((ed - st) / sec, 1)
         row["last_chunk_useful_gflop_s"] = round(useful_flops(engine, st, ed - st, with_lm_head=0) / sec / 1e9, 2)
