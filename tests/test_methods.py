@@ -378,6 +378,57 @@ def test_fused_stage_joins_the_softmax_exactly(monkeypatch):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-4)
 
 
+def _attention_with_lse(q, k, v, scale):
+    """Plain attention, q [B, H, L, D], k/v [B, H_kv, S, D] (query head h reads KV head h // (H / H_kv)):
+    (output, log-sum-exp [B, H, L]) in fp32. The stand-ins below wrap it in each CUDA kernel's calling convention."""
+    G = q.shape[1] // k.shape[1]
+    lg = q.float() @ k.float().repeat_interleave(G, dim=1).transpose(-1, -2) * scale
+    return lg.softmax(-1) @ v.float().repeat_interleave(G, dim=1), lg.logsumexp(-1)
+
+
+def _fake_flash_attn(q, k, v, softmax_scale, causal, return_attn_probs):
+    """flash_attn_func's contract: [B, L, H, D] layout, GQA by head groups, (out, softmax_lse [B, H, L], probs)."""
+    assert not causal and return_attn_probs
+    o, lse = _attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale)
+    return o.transpose(1, 2).to(q.dtype), lse, None
+
+
+def _fake_efficient_attention(q, k, v, scale):
+    """torch's memory-efficient kernel: equal head counts, lse padded along the query axis to a multiple of 32
+    (the padding is garbage: NaN here, so reading it would show)."""
+    assert q.shape[1] == k.shape[1]
+    o, lse = _attention_with_lse(q, k, v, scale)
+    L = q.shape[2]
+    pad = torch.full((*lse.shape[:-1], -L % 32 + 32), float("nan"))
+    return o.to(q.dtype), torch.cat([lse, pad], dim=-1)
+
+
+@pytest.mark.parametrize("backend", ["flash-attn", "sdpa-efficient"])
+def test_cuda_fused_branches_join_the_softmax_with_cpu_stand_ins(monkeypatch, backend):
+    """The CUDA fused branches' own code (layout transposes, GQA folding, lse unpadding, merge), run on CPU with
+    stand-ins that follow each kernel's calling convention: equal to the explicit path, and each stand-in ran.
+    The kernels themselves are checked only on a GPU (`test_cuda_fused_stage_matches_cpu`)."""
+    calls = []
+
+    def counted(fake):
+        def f(*a, **kw):
+            calls.append(fake.__name__)
+            return fake(*a, **kw)
+        return f
+
+    monkeypatch.setattr(kernels, "fused_backend", lambda device, dtype: backend)
+    monkeypatch.setattr(kernels, "_flash_attn", lambda: counted(_fake_flash_attn))
+    monkeypatch.setattr(kernels, "_efficient_attention", counted(_fake_efficient_attention))
+    for L in (70, 1):  # prefill and a decoding step (G * L = 3 query rows: lse padding)
+        stages, pos = _random_stages("cpu", torch.float32, L=L)
+        calls.clear()
+        (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(monkeypatch, stages, pos)
+        assert calls == ["_fake_flash_attn" if backend == "flash-attn" else "_fake_efficient_attention"]
+        assert (out_f - out_e).abs().max() <= 1e-5
+        for a, b in zip(sc_f, sc_e):
+            assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_stage_matches_cpu(dtype):

@@ -133,6 +133,11 @@ def _flash_attn():
     return _FLASH or None
 
 
+def _efficient_attention(q, k, v, scale: float):
+    """torch's memory-efficient CUDA kernel with its log-sum-exp: (output, lse padded along the query axis)."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+
+
 _FLASH = None
 USE_FUSED = True  # tests switch it off to compare the fused stages with the explicit tiled path
 
@@ -157,8 +162,7 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, st.k, st.v, scale=scale)[:2]
     elif backend == "sdpa-efficient":
         try:
-            o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, st.k, st.v, None, True,
-                                                                           scale=scale)[:2]
+            o, lse = _efficient_attention(q, st.k, st.v, scale)
         except RuntimeError:  # e.g. a head_dim or GPU the kernel does not support
             return None
         lse = lse[..., : G * L]  # the kernel pads the query axis of the log-sum-exp
