@@ -41,7 +41,6 @@ from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
 from infllm_eval.methods import make_method
-from infllm_eval.methods.kernels import fused_backend
 from infllm_eval.models import load_model
 from infllm_eval.store import device_name, to_markdown
 
@@ -225,7 +224,8 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         avail = psutil.virtual_memory().available if lm.device.type == "cpu" else torch.cuda.mem_get_info(lm.device)[0]
         need = _estimate_kv_bytes(eng, length)
         row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
-               "chunk_size": int(cfg.chunk_size), "attention_backend": fused_backend(lm.device, lm.dtype),
+               "chunk_size": int(cfg.chunk_size),
+               "attention_backend": eng.method.attention_backend(lm.device, lm.dtype),
                "cell_peak_gflop_s": round(cell_peak / 1e9, 1), "status": "ok"}
         if method == "full" and need > float(b.memory_fraction) * avail:
             row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"

@@ -24,7 +24,6 @@ from infllm_eval import __version__
 from infllm_eval.config import check_output_dir, parse_shard, resolved_yaml
 from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.methods import make_method
-from infllm_eval.methods.kernels import fused_backend
 from infllm_eval.metrics import get_metric
 from infllm_eval.models import load_model, render_chat
 from infllm_eval.store import RunStore, content_key, provenance
@@ -68,7 +67,7 @@ def run_cell(cfg: DictConfig) -> pd.DataFrame:
         store.start(resolved_yaml(cfg), provenance(lm.device, cfg.seed, model_fingerprint=lm.fingerprint,
                                                    task_fingerprint=base_key["task"], method=method.describe(),
                                                    generation=gen, dtype=base_key["dtype"],
-                                                   attention_backend=fused_backend(lm.device, lm.dtype),
+                                                   attention_backend=method.attention_backend(lm.device, lm.dtype),
                                                    cell_key=cell_key))
         done = store.finished() if cfg.resume else {}
         records = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -14,6 +15,7 @@ from infllm_eval.methods import kernels, make_method
 from infllm_eval.methods.full import FullAttention
 from infllm_eval.methods.infllm import InfLLM
 from infllm_eval.methods.lminfinite import LMInfinite
+from infllm_eval.methods.memory import SideStream, SlidingKV
 from infllm_eval.methods.streamingllm import StreamingLLM
 
 ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]  # GQA (llama, mistral) and non-GQA (qwen2)
@@ -150,6 +152,160 @@ def test_cache_policy_and_size_change_speed_not_outputs(policy, slots):
     assert run(m, method, ids, 64)[1] == base_tokens
 
 
+class _LateSide(SideStream):
+    """A side stream as late as a GPU may run it, on CPU: `copy` only queues its copies, in order; they run when the
+    compute stream waits for their event (`wait`), the queue up to that event. A consumer that reads copied memory
+    without waiting, or a writer that overwrites a queued copy's source first, sees other data."""
+
+    def __init__(self):
+        self.queue: list[tuple[int, list]] = []
+        self.issued = self.waits = 0
+
+    def copy(self, pairs):
+        self.issued += 1
+        self.queue.append((self.issued, list(pairs)))
+        return self.issued
+
+    def wait(self, event):
+        if event is None:
+            return
+        self.waits += 1
+        while self.queue and self.queue[0][0] <= event:
+            for dst, src in self.queue.pop(0)[1]:
+                dst.copy_(src)
+
+
+@pytest.mark.parametrize("slots", [3, 40])
+def test_async_global_stream_waits_where_the_copies_are_used(slots):
+    """async_global_stream's protocol with copies that run as late as possible: the units written to the host and
+    loaded into device slots on the side stream give exactly the synchronous result (prefill and decoding), so
+    every read of copied memory waited for its copy and no source was overwritten before its copy ran."""
+    m = tiny("tiny-llama")
+    ids = prompt(m, 400, seed=4)
+    params = dict(SMALL, offload=True, max_cached_block=slots)
+    base_logits, base_tokens = run(m, InfLLM(**params), ids, 64)
+    method = InfLLM(**dict(params, async_global_stream=True))
+    eng = Engine(m, method, torch.device("cpu"), torch.float32)
+    method.side = side = _LateSide()  # InfLLM makes a real one on CUDA only
+    logits = eng.prefill(eng.new_states(), ids, 64)
+    tokens = eng.generate(ids, 6, 64, stop_ids=[]).tokens
+    assert side.issued > 0 and side.waits > 0  # the copies went through the side stream
+    assert torch.equal(logits, base_logits) and tokens == base_tokens
+
+
+def test_window_compaction_calls_before_overwrite_while_dropped_tokens_are_intact():
+    """SlidingKV: compaction may overwrite tokens just dropped, the source of a unit copy still queued on the side
+    stream; `before_overwrite` (InfLLM: wait for those copies) runs first, while they still hold their values."""
+    kv = SlidingKV(torch.zeros(1, 1, 1, 2), n_heads=1, capacity=8)
+    intact = []
+    pending = {}
+
+    def hook():
+        intact.append(torch.equal(pending["view"], pending["want"]))
+
+    kv.before_overwrite = hook
+    for step in range(6):
+        k = torch.arange(3 * step, 3 * step + 3, dtype=torch.float32).view(1, 1, 3, 1).expand(1, 1, 3, 2)
+        kv.append(k, -k)
+        if kv.end - kv.start > 3:  # drop the oldest 3 tokens, as InfLLM packs a unit: their view stays "in flight"
+            view = kv.kv(kv.start, kv.start + 3)[0]
+            pending.update(view=view, want=view.clone())
+            kv.drop_before(kv.start + 3)
+    assert intact and all(intact)
+    assert torch.equal(kv.kv(15, 18)[0][0, 0, :, 0], torch.tensor([15.0, 16.0, 17.0]))
+
+
+class _RecordingCuda:
+    """torch.cuda's stream calls that SideStream makes, recorded in order (CPU stand-in)."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.on_side = False
+        outer = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.name = "main" if device == "main" else "side"
+
+            def wait_stream(self, other):
+                outer.log.append(f"{self.name} waits {other.name}")
+
+            def wait_event(self, event):
+                outer.log.append(f"{self.name} waits event {event.n}")
+
+        class Event:
+            count = 0
+
+            def record(self, stream):
+                Event.count += 1
+                self.n = Event.count
+                outer.log.append(f"event {self.n} on {stream.name}" + (" (inside)" if outer.on_side else ""))
+
+        self.Stream, self.Event, self.main = Stream, Event, Stream("main")
+
+    def current_stream(self, device):
+        return self.main
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        self.on_side = True
+        self.log.append(f"enter {s.name}")
+        yield
+        self.on_side = False
+        self.log.append(f"exit {s.name}")
+
+
+def test_side_stream_waits_for_queued_work_then_marks_its_copies():
+    """SideStream: the side stream first waits for the compute stream, copies inside the side-stream context,
+    marks them with an event recorded there; `wait` makes the compute stream wait for that event."""
+    cuda = _RecordingCuda()
+    side = SideStream("cpu", cuda=cuda)
+    src, dst = torch.arange(6.0), torch.zeros(6)
+    ev = side.copy([(dst, src)])
+    assert torch.equal(dst, src)
+    side.wait(ev)
+    side.wait(None)
+    assert cuda.log == ["side waits main", "enter side", "event 1 on side (inside)", "exit side", "main waits event 1"]
+
+
+@pytest.mark.parametrize("cls,params", [(FullAttention, {}), (StreamingLLM, dict(n_init=8, n_local=64)),
+                                        (InfLLM, SMALL)])
+def test_fattn_false_runs_the_explicit_path_with_the_same_outputs(monkeypatch, cls, params):
+    """fattn (every method): false sends every stage through the explicit tiled path (no fused kernel, no SDPA),
+    with the fused route's outputs; it is recorded in provenance only when it is not the default."""
+    m = tiny("tiny-llama")
+    ids = prompt(m, 300, seed=6)
+    fast_logits, fast_tokens = run(m, cls(**params), ids, 64)
+    fused_calls = []
+    real_fused, real_sdpa = kernels._fused_stage, kernels._single_stage_sdpa
+    monkeypatch.setattr(kernels, "_fused_stage", lambda *a: fused_calls.append(1) or real_fused(*a))
+    monkeypatch.setattr(kernels, "_single_stage_sdpa", lambda *a: fused_calls.append(1) or real_sdpa(*a))
+    method = cls(**dict(params, fattn=False))
+    logits, tokens = run(m, method, ids, 64)
+    assert fused_calls == []
+    assert (logits - fast_logits).abs().max() <= 1e-4 and tokens == fast_tokens
+    assert method.attention_backend(torch.device("cpu"), torch.float32) == "explicit"
+    assert method.describe()["fattn"] is False and "fattn" not in cls(**dict(params, fattn=True)).describe()
+    run(m, cls(**dict(params, fattn=True)), ids[:100], 64)
+    assert fused_calls  # the spies do see the fused route
+
+
+def test_faiss_keeps_the_representative_vectors_in_host_memory():
+    """faiss (reference option): the representative vectors live in host memory and are scored there, with the same
+    outputs. On CPU that is where they were anyway; `test_cuda_matches_cpu` runs it where it moves them."""
+    m = tiny("tiny-llama")
+    ids = prompt(m, 300, seed=6)
+    base = run(m, InfLLM(**SMALL), ids, 64)
+    method = InfLLM(**dict(SMALL, faiss=True))
+    eng = Engine(m, method, torch.device("cpu"), torch.float32)
+    states = eng.new_states()
+    eng.prefill(states, ids, 64)
+    units = states[0]["units"]
+    assert units.n > 0 and units.reprs.device.type == "cpu"
+    logits, tokens = run(m, method, ids, 64)
+    assert torch.equal(logits, base[0]) and tokens == base[1]
+
+
 def test_perhead_equals_shared_selection_when_every_unit_fits():
     m = tiny("tiny-llama")
     ids = prompt(m, 200, seed=5)
@@ -181,9 +337,9 @@ def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     seen = []
     real = kernels.multi_stage_attention
 
-    def spy(stages, q_pos, scale, q_tile=256):
+    def spy(stages, q_pos, scale, q_tile=256, fused=True):
         seen.append(min(q_tile, stages[0].q.shape[2]) * sum(s.k.shape[2] for s in stages))
-        return real(stages, q_pos, scale, q_tile)
+        return real(stages, q_pos, scale, q_tile, fused)
 
     for mod in ("infllm_eval.methods.infllm", "infllm_eval.methods.window", "infllm_eval.methods.full"):
         monkeypatch.setattr(f"{mod}.multi_stage_attention", spy)
@@ -218,11 +374,23 @@ def test_infllm_window_buffer_depends_on_neither_chunk_size_nor_length():
     (dict(cache_strategy="fifo"), "cache_strategy"),
     (dict(cache_strategy="lru-s", score_decay=None), "score_decay"),
     (dict(head_reduce="mean"), "head_reduce"),
+    (dict(fattn="yes"), "fattn"),
+    (dict(async_global_stream=1), "async_global_stream"),
+    (dict(faiss=None), "faiss"),
 ])
 def test_invalid_infllm_parameters_rejected(bad, match):
     cfg = {"name": "infllm", "impl": "infllm_eval.methods.infllm:InfLLM", "params": dict(SMALL, **bad)}
     with pytest.raises(UserError, match=match):
         make_method(cfg)
+
+
+def test_every_method_takes_fattn_and_checks_it():
+    for name, impl, params in [("full", "infllm_eval.methods.full:FullAttention", {}),
+                               ("streamingllm", "infllm_eval.methods.streamingllm:StreamingLLM",
+                                {"n_init": 4, "n_local": 64})]:
+        assert make_method({"name": name, "impl": impl, "params": dict(params, fattn=False)}).params["fattn"] is False
+        with pytest.raises(UserError, match="fattn must be true"):
+            make_method({"name": name, "impl": impl, "params": dict(params, fattn="false")})
 
 
 def test_unknown_method_parameter_rejected():
@@ -245,9 +413,13 @@ def test_full_reproduces_unpatched_smollm2(chunk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", [FullAttention(), InfLLM(**dict(SMALL, offload=True)), StreamingLLM(n_init=8, n_local=64)])
+@pytest.mark.parametrize("method", [
+    FullAttention(), FullAttention(fattn=False), InfLLM(**dict(SMALL, offload=True)),
+    InfLLM(**dict(SMALL, offload=True, async_global_stream=True)),
+    InfLLM(**dict(SMALL, offload=True, pin_memory=False, faiss=True)), StreamingLLM(n_init=8, n_local=64)])
 def test_cuda_matches_cpu(method):
-    """CUDA path (SDPA / pinned host units with a device cache) gives the CPU result in fp32."""
+    """CUDA path (SDPA / pinned host units with a device cache; unit copies on a side stream; unpinned units with
+    the representative vectors in host memory) gives the CPU result in fp32."""
     m = tiny("tiny-llama")
     ids = prompt(m, 300, seed=8)
     cpu_logits, cpu_tokens = run(m, method, ids, 64)
@@ -349,11 +521,9 @@ def _random_stages(device, dtype, L=70, H=6, H_kv=2, D=32, seed=3):
             ], torch.arange(p0, p0 + L, device=device)
 
 
-def _stages_both_ways(monkeypatch, stages, pos):
+def _stages_both_ways(stages, pos):
     out_f, sc_f = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16)
-    monkeypatch.setattr(kernels, "USE_FUSED", False)
-    out_e, sc_e = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16)
-    monkeypatch.setattr(kernels, "USE_FUSED", True)
+    out_e, sc_e = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16, fused=False)
     return (out_f, sc_f), (out_e, sc_e)
 
 
@@ -371,8 +541,8 @@ def test_fused_stage_joins_the_softmax_exactly(monkeypatch):
         return r
 
     monkeypatch.setattr(kernels, "_fused_stage", spy)
-    (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(monkeypatch, stages, pos)
-    assert fused == [True, False, False, False]  # the unmasked stage, in the first call only
+    (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(stages, pos)
+    assert fused == [True, False]  # the unmasked stage tried the fused kernel, the remainder (banded) did not
     assert (out_f - out_e).abs().max() <= 1e-5
     for a, b in zip(sc_f, sc_e):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-4)
@@ -422,7 +592,7 @@ def test_cuda_fused_branches_join_the_softmax_with_cpu_stand_ins(monkeypatch, ba
     for L in (70, 1):  # prefill and a decoding step (G * L = 3 query rows: lse padding)
         stages, pos = _random_stages("cpu", torch.float32, L=L)
         calls.clear()
-        (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(monkeypatch, stages, pos)
+        (out_f, sc_f), (out_e, sc_e) = _stages_both_ways(stages, pos)
         assert calls == ["_fake_flash_attn" if backend == "flash-attn" else "_fake_efficient_attention"]
         assert (out_f - out_e).abs().max() <= 1e-5
         for a, b in zip(sc_f, sc_e):

@@ -23,10 +23,11 @@ def make_method(method_cfg: Any) -> ContextMethod:
     """Instantiate and validate the method described by a `method` config node (no model needed)."""
     cls = _import(str(method_cfg["impl"]))
     params = dict(method_cfg.get("params") or {})
-    unknown = sorted(set(params) - set(cls.param_names))
+    valid = (*cls.param_names, *cls.shared_params)
+    unknown = sorted(set(params) - set(valid))
     if unknown:
         raise UserError(f"method.params.{unknown[0]} is not a parameter of method '{method_cfg['name']}'; "
-                        f"valid: {', '.join(cls.param_names)}.")
+                        f"valid: {', '.join(valid)}.")
     method = cls(**params)
     method.validate()
     return method

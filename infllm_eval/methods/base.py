@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from infllm_eval.errors import UserError
+from infllm_eval.methods.kernels import fused_backend
 from infllm_eval.rope import Rope
 
 
@@ -36,6 +38,10 @@ class ContextMethod:
     name: ClassVar[str] = ""
     position_scheme: ClassVar[str] = ""  # recorded in provenance, e.g. "true" / "fixed-distance" / "in-cache"
     param_names: ClassVar[tuple[str, ...]] = ("base", "distance_scale")  # accepted keys of `method.params`
+    #: keys every method accepts on top of its own: `fattn` (the reference's switch between its Triton kernel and
+    #: its torch implementation) = fused attention kernels where the device has one (true) or the explicit tiled
+    #: PyTorch path for every stage (false); both compute the same fp32 softmax (tests), so it changes speed only
+    shared_params: ClassVar[tuple[str, ...]] = ("fattn",)
     q_tile: int = 64  # queries per attention tile: bounds the score workspace and keeps it in cache (measured)
 
     def __init__(self, **params: Any):
@@ -45,13 +51,22 @@ class ContextMethod:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise UserError for impossible parameters. Called before any model weights load."""
+        """Raise UserError for impossible parameters. Called before any model weights load (subclasses call
+        super().validate() first)."""
+        if not isinstance(self.params.get("fattn", True), bool):
+            raise UserError(f"method.params.fattn must be true (fused attention kernels where the device has one) or "
+                            f"false (the explicit PyTorch path), got {self.params['fattn']!r}.")
 
     def bind(self, model, spec: ModelSpec) -> None:
         """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
         self.spec = spec
         self.rope = Rope(model, base=self.params.get("base"), distance_scale=self.params.get("distance_scale"))
         self.scale = spec.head_dim**-0.5
+        self.fattn = bool(self.params.get("fattn", True))
+
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """The kernel this method's unmasked stages run on (recorded in provenance): see `kernels.fused_backend`."""
+        return fused_backend(device, dtype) if self.params.get("fattn", True) else "explicit"
 
     def new_state(self, layer_idx: int) -> Any:
         raise NotImplementedError
@@ -76,10 +91,12 @@ class ContextMethod:
     #: parameters added after results were recorded, with the value that reproduces the earlier behaviour; at that
     #: value they are left out of `describe()`, so finished results keep their keys (they resume and report as one)
     neutral: ClassVar[dict[str, Any]] = {}
+    shared_neutral: ClassVar[dict[str, Any]] = {"fattn": True}
 
     def describe(self) -> dict:
         """Resolved parameters and semantics, for provenance and result keys."""
-        params = {k: v for k, v in self.params.items() if not (k in self.neutral and v == self.neutral[k])}
+        neutral = {**self.shared_neutral, **self.neutral}
+        params = {k: v for k, v in self.params.items() if not (k in neutral and v == neutral[k])}
         return {"name": self.name, "position_scheme": self.position_scheme, **params}
 
 

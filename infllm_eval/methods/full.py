@@ -32,5 +32,6 @@ class FullAttention(ContextMethod):
         buf.append(k, v)
         keys, values = buf.view()
         stage = Stage(q, keys, values, k_start=0, band=(0, INF))  # keys sit at positions 0..len-1
-        out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile)
+        out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
+                                       fused=self.fattn)
         return out

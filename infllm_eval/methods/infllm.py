@@ -13,6 +13,10 @@ Departures / named options (recorded in provenance via `describe()`):
   `false` reproduces that duplicate attention; decoding is identical either way.
 - `global_distance` (default null = n_local - 1, as the code; the paper's text says n_local).
 - `offload` (auto = on for CUDA): units in host memory, `max_cached_block` device slots with `lru` / `lru-s`.
+- `pin_memory`, `async_global_stream`, `faiss`, `fattn` (reference options; speed and device memory only, never
+  outputs): pinned host copies of the units; unit copies on a second CUDA stream (`memory.SideStream`; default off
+  here, on in the reference's function signature); the representative vectors kept and scored in host memory (the
+  reference's CPU faiss index is an exact inner-product search, as is the matmul here); fused kernels or not.
 - `perhead` (reference option): one selection per query head instead of one per layer.
 - `chunk_topk_calc` (reference option): top-k for several execution blocks at once with the units existing then.
 - `head_reduce` (default `sum` = the reference; `max` is beyond the paper): a unit's lookup score is the sum of
@@ -32,7 +36,7 @@ import torch
 from infllm_eval.errors import UserError
 from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
-from infllm_eval.methods.memory import SlidingKV, UnitStore
+from infllm_eval.methods.memory import SideStream, SlidingKV, UnitStore
 
 
 def _positive(params: dict, *keys: str) -> None:
@@ -47,10 +51,13 @@ class InfLLM(ContextMethod):
     position_scheme = "local: true distance; init + units + remainder: fixed distance"
     param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
                    "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
-                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "neighbor_extra", "head_reduce")
-    neutral = {"head_reduce": "sum", "neighbor_extra": False}
+                   "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "neighbor_extra", "head_reduce",
+                   "pin_memory", "async_global_stream", "faiss")
+    neutral = {"head_reduce": "sum", "neighbor_extra": False, "pin_memory": True, "async_global_stream": False,
+               "faiss": False}
 
     def validate(self) -> None:
+        super().validate()
         p = self.params
         _positive(p, "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block")
         if not isinstance(p.get("n_init"), int) or p["n_init"] < 0:
@@ -83,6 +90,9 @@ class InfLLM(ContextMethod):
         if p.get("head_reduce", "sum") not in ("sum", "max"):
             raise UserError(f"method.params.head_reduce must be 'sum' (the reference) or 'max', "
                             f"got {p.get('head_reduce')!r}.")
+        for key in ("pin_memory", "async_global_stream", "faiss"):
+            if not isinstance(p.get(key, self.neutral[key]), bool):
+                raise UserError(f"method.params.{key} must be true or false, got {p[key]!r}.")
         if p.get("offload") not in ("auto", True, False):
             raise UserError(f"method.params.offload must be auto, true or false, got {p.get('offload')!r}.")
 
@@ -96,6 +106,8 @@ class InfLLM(ContextMethod):
         self.perhead = bool(p.get("perhead", False))
         self.offload = spec.device.type == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
         self.group = spec.n_heads // spec.n_kv_heads
+        async_copies = self.offload and spec.device.type == "cuda" and bool(p.get("async_global_stream", False))
+        self.side = SideStream(spec.device) if async_copies else None  # one per run, shared by the layers
 
     def describe(self) -> dict:
         return {**super().describe(), "prefill_mask_fix": bool(self.params.get("prefill_mask_fix", True)),
@@ -114,8 +126,11 @@ class InfLLM(ContextMethod):
             state["rem"] = SlidingKV(k, self.spec.n_heads, capacity=2 * (self.n_local + self.block_size + self.exc))
             p = self.params
             state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
-                                       p["cache_strategy"], p.get("score_decay"))
+                                       p["cache_strategy"], p.get("score_decay"), pin_memory=p.get("pin_memory", True),
+                                       side=self.side, repr_on_host=bool(p.get("faiss", False)))
+            state["rem"].before_overwrite = state["units"].settle_writes
         rem: SlidingKV = state["rem"]
+        units: UnitStore = state["units"]
         out = q.new_empty(q.shape)
         plan = None
         for st in range(0, L, self.exc):
@@ -123,6 +138,8 @@ class InfLLM(ContextMethod):
             if plan is None or not plan:
                 plan = self._plan_topk(state, q, st, L)
             sel = plan.pop(0)
+            if sel is not None and not self.perhead:
+                units.load(sel)  # with offload, the copies start before the block's local-stage work is queued
             rem.append(k[:, :, st:ed], v[:, :, st:ed])
             out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], self._global_q(q[:, :, st:ed]), pos[st:ed],
                                                 p_first + st, p_first + ed, sel)
@@ -162,7 +179,8 @@ class InfLLM(ContextMethod):
     def unit_scores(qm: torch.Tensor, units: UnitStore) -> torch.Tensor:
         """Lookup scores per query head: mean global queries qm [B, nb, H, D] . representative vectors -> [nb, H, U]
         (no 1/sqrt(d), no softmax; the shared selection sums them over heads)."""
-        return torch.einsum("bnhd,ubhd->bnhu", qm, units.reprs.float())[0]
+        reprs = units.reprs
+        return torch.einsum("bnhd,ubhd->bnhu", qm.to(reprs.device), reprs.float())[0]
 
     def _with_neighbors(self, order: list[int], n_units: int, n_centers: int) -> list[int]:
         """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all
@@ -209,7 +227,7 @@ class InfLLM(ContextMethod):
             band = (self.n_local, INF) if self.mask_fix else None
             stages.append(Stage(qg_blk, h(rk), h(rv), k_start=rem.start,
                                 band=band))
-        out, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile)
+        out, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile, self.fattn)
         loc = scores[0]  # [B, H, window] summed over the block's queries
         rem.scores(w0, p1).add_(loc)
         if len(scores) > 1 and scores[1] is not None and sel is not None:

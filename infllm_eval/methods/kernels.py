@@ -139,7 +139,6 @@ def _efficient_attention(q, k, v, scale: float):
 
 
 _FLASH = None
-USE_FUSED = True  # tests switch it off to compare the fused stages with the explicit tiled path
 
 
 def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -147,7 +146,7 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
     when no fused kernel takes these inputs (the stage then runs on the explicit path).
     The G query heads of a KV group share its keys, so (except for flash-attn, which does GQA itself) they are
     folded into the query axis: no K/V expansion."""
-    if not USE_FUSED or st.band is not None or st.k.shape[2] == 0:
+    if st.band is not None or st.k.shape[2] == 0:
         return None
     backend = fused_backend(st.q.device, st.q.dtype)
     B, H, L, D = st.q.shape
@@ -172,7 +171,7 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
 
 
 def multi_stage_attention(
-    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64
+    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64, fused: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Joint-softmax attention over `stages`; returns output [B, H, L, D] and, per stage, the summed
     probabilities [B, H, T] (or None). Math is fp32. Query positions are contiguous (q_pos[0] + arange(L)) and so
@@ -183,7 +182,8 @@ def multi_stage_attention(
     Stages after the first without a band (InfLLM's retrieved units + initial tokens) go through a fused kernel
     (`fused_backend`: CPU flash, flash-attn or SDPA's memory-efficient kernel on CUDA) and join the softmax through
     their log-sum-exp (their scores, when wanted, are recomputed from the joint log-sum-exp); the others are
-    computed per query tile with the normalisation deferred to the [tile, D] output."""
+    computed per query tile with the normalisation deferred to the [tile, D] output. `fused=False` (a method's
+    `fattn: false`) runs every stage on the explicit tiled path, a single stage without scores included."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
@@ -193,14 +193,14 @@ def multi_stage_attention(
         torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=q0.device) if st.want_scores else None
         for st in stages
     ]
-    if len(stages) == 1 and not stages[0].want_scores:
+    if fused and len(stages) == 1 and not stages[0].want_scores:
         return _single_stage_sdpa(stages[0], p0, scale), scores_out
-    fused, o_f, lse_f = [], None, None
+    joined, o_f, lse_f = [], None, None  # stages that went through the fused kernel
     for i in range(1, len(stages)):  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
-        r = _fused_stage(stages[i], scale)
+        r = _fused_stage(stages[i], scale) if fused else None
         if r is None:
             continue
-        fused.append(i)
+        joined.append(i)
         o_i, lse_i = r
         if o_f is None:
             o_f, lse_f = o_i, lse_i
@@ -208,7 +208,7 @@ def multi_stage_attention(
             new = torch.logaddexp(lse_f, lse_i)
             o_f = o_f * (lse_f - new).exp_()[..., None] + o_i * (lse_i - new).exp_()[..., None]
             lse_f = new
-    rest = [i for i in range(len(stages)) if i not in fused]
+    rest = [i for i in range(len(stages)) if i not in joined]
     out = q0.new_empty(B, H, L, D)
     qs = {i: stages[i].q.float() * scale for i in rest}
     ks = {i: stages[i].k.float() for i in rest}
@@ -253,7 +253,7 @@ def multi_stage_attention(
             w = (lse_t[..., None] - m).exp_()  # weight of the fused stages [B, H_kv, G, tq, 1]
             denom = denom.add_(w)
             acc = acc.add_(o_f[:, :, s:e].reshape(B, H_kv, G, tq, D) * w)
-        for i in fused:
+        for i in joined:
             if scores_out[i] is not None:  # e.g. lru-s credit: probabilities from the joint log-sum-exp
                 st = stages[i]
                 lse_all = m + denom.log()  # [B, H_kv, G, tq, 1]

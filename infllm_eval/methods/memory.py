@@ -5,9 +5,11 @@ absolute position, with the per-query-head representative scores InfLLM accumula
 and the buffer compacts itself, so its size stays bounded by the window, not the context.
 
 `UnitStore` holds InfLLM's memory units: K/V of `block_size` tokens each, plus one representative vector per unit
-and query head. With `offload` the units live in host memory (pinned on CUDA) and only `max_cached_block` of them
-per layer are resident on the device, in a cache with the reference's `lru` / `lru-s` policies. The policy decides
-which units stay resident; it never changes which units are attended, so it changes speed, never outputs.
+and query head. With `offload` the units live in host memory (pinned on CUDA with `pin_memory`) and only
+`max_cached_block` of them per layer are resident on the device, in a cache with the reference's `lru` / `lru-s`
+policies. The policy decides which units stay resident; it never changes which units are attended, so it changes
+speed, never outputs. `SideStream` (the reference's `async_global_stream`) moves those copies to a second CUDA
+stream.
 """
 
 from __future__ import annotations
@@ -54,6 +56,35 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return host_slab(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
 
 
+class SideStream:
+    """`async_global_stream`: copies between host memory and the device run on a second CUDA stream, so they overlap
+    with the work queued on the compute stream. `copy` first makes the side stream wait for everything queued so far
+    on the compute stream (the sources are written, and no queued kernel still reads a destination about to be
+    overwritten) and returns an event; the compute stream waits for that event (`wait`) only where it next touches
+    the copied memory. `cuda` is the torch.cuda module (tests pass a stand-in that records the order of calls)."""
+
+    def __init__(self, device: torch.device, cuda=torch.cuda):
+        self.cuda, self.device = cuda, device
+        self.stream = cuda.Stream(device)
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        """dst.copy_(src) for each (dst, src) on the side stream; returns the event that marks them done."""
+        self.stream.wait_stream(self.cuda.current_stream(self.device))
+        with self.cuda.stream(self.stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+                if src.is_cuda:  # the caching allocator must not hand src's memory out before the copy has run
+                    src.record_stream(self.stream)
+            event = self.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def wait(self, event) -> None:
+        """The compute stream waits for `event` (from `copy`) before its next kernel; None: nothing to wait for."""
+        if event is not None:
+            self.cuda.current_stream(self.device).wait_event(event)
+
+
 class SlidingKV:
     def __init__(self, like_k: torch.Tensor, n_heads: int, capacity: int):
         B, Hkv, _, D = like_k.shape
@@ -62,6 +93,7 @@ class SlidingKV:
         self.off = 0  # buffer index of position `start`
         self.start = 0  # absolute position of the oldest kept token
         self.end = 0  # absolute position after the newest token
+        self.before_overwrite = None  # called before compaction overwrites dropped tokens (side-stream readers)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]
@@ -76,6 +108,8 @@ class SlidingKV:
 
     def _compact(self, need: int) -> None:
         used = self.end - self.start
+        if self.before_overwrite is not None:
+            self.before_overwrite()
         cap = max(self.k.shape[2], 2 * need)
         for name in ("k", "v", "score"):
             old = getattr(self, name)
@@ -117,18 +151,25 @@ class UnitStore:
     +260 MB with one heap tensor per unit (fragmentation), flat with mapped slabs (README, *bench*)."""
 
     def __init__(self, like_k, n_heads: int, block_size: int, offload: bool, max_cached_block: int,
-                 cache_strategy: str, score_decay: float | None):
+                 cache_strategy: str, score_decay: float | None, pin_memory: bool = True,
+                 side: SideStream | None = None, repr_on_host: bool = False):
         B, Hkv, _, D = like_k.shape
         self.block_size, self.offload = block_size, offload
         self.device = like_k.device
-        self.pin = offload and like_k.device.type == "cuda"
+        self.pin = offload and like_k.device.type == "cuda" and pin_memory
+        # with offload: unit copies on the side stream (InfLLM makes one on CUDA); `written` / `loaded` mark the
+        # last copies of new units to the host and of units into device slots
+        self.side = side if offload else None
+        self.written = self.loaded = None
+        self.staged: tuple[list[int], list[int]] | None = None  # (ids, slots) of the last `load`
         self.unit_shape = (B, Hkv, block_size, D)
         self.mapped = (offload and not self.pin) or like_k.device.type == "cpu"
         unit_bytes = B * Hkv * block_size * D * like_k.element_size()
         self.slab_units = max(64, SLAB_BYTES // unit_bytes) if self.mapped else 64
         self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (K, V) [slab_units, B, H_kv, block_size, D]
         self.unit_bytes = 2 * unit_bytes  # K and V
-        self._repr = like_k.new_empty(16, B, n_heads, D)
+        # faiss (reference): the representative vectors in host memory, scored there
+        self._repr = torch.empty(16, B, n_heads, D, dtype=like_k.dtype, device="cpu" if repr_on_host else self.device)
         self.n = 0
         # device cache (only with offload): slot tensors + unit -> slot, unit -> lru value
         self.max_cached_block, self.cache_strategy, self.score_decay = max_cached_block, cache_strategy, score_decay
@@ -149,8 +190,11 @@ class UnitStore:
                                     torch.empty(shape, dtype=k.dtype, device="cpu" if self.offload else self.device,
                                                 pin_memory=self.pin) for _ in range(2)))
         sk, sv = self.slabs[-1]
-        sk[i].copy_(k, non_blocking=True)
-        sv[i].copy_(v, non_blocking=True)
+        if self.side is not None:
+            self.written = self.side.copy([(sk[i], k), (sv[i], v)])
+        else:
+            sk[i].copy_(k, non_blocking=True)
+            sv[i].copy_(v, non_blocking=True)
         if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit
             new = self._repr.new_empty(self.n + max(16, self.n // 2), *self._repr.shape[1:])
             new[: self.n] = self._repr
@@ -174,7 +218,7 @@ class UnitStore:
     def nbytes(self) -> int:
         """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload) or the
         occupied cache slots (with offload)."""
-        reprs = self.n * self._repr[0].numel() * self._repr.element_size()
+        reprs = self.n * self._repr[0].numel() * self._repr.element_size() if self._repr.device == self.device else 0
         if not self.offload:
             return reprs + self.nbytes_host()
         return reprs + 2 * len(self.slot_of) * self.slot_k[0].numel() * self.slot_k.element_size()
@@ -183,7 +227,10 @@ class UnitStore:
         """K/V of the selected units concatenated along tokens, then `tail` (K, V [B, H_kv, T, D]) if given:
         [B, H_kv, len(ids)*block_size (+ T), D], in one copy."""
         if self.offload:
-            slots = self._load(ids)
+            staged, self.staged = self.staged, None
+            slots = staged[1] if staged is not None and staged[0] == list(ids) else self._load(ids)
+            if self.side is not None:
+                self.side.wait(self.loaded)
             ks, vs = [self.slot_k[s] for s in slots], [self.slot_v[s] for s in slots]
         else:
             pairs = [self.unit_kv(u) for u in ids]
@@ -192,7 +239,18 @@ class UnitStore:
             ks, vs = ks + [tail[0]], vs + [tail[1]]
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
+    def settle_writes(self) -> None:
+        """The compute stream waits for the side stream's copies of new units (before their source is overwritten)."""
+        if self.side is not None:
+            self.side.wait(self.written)
+
     # -- device cache (reference §2.8) -----------------------------------------------------------------------------
+    def load(self, ids: list[int]) -> None:
+        """Bring the units `ids` into device slots now (with a side stream the copies start here and `gather(ids)`
+        waits for them), so they overlap with the work queued before the gather."""
+        if self.offload:
+            self.staged = (list(ids), self._load(ids))
+
     def _load(self, ids: list[int]) -> list[int]:
         self.load_count += 1
         missing = [u for u in ids if u not in self.slot_of]
@@ -202,12 +260,17 @@ class UnitStore:
             for u in victims:
                 del self.slot_of[u], self.value[u]
         free = sorted(set(range(self.max_cached_block)) - set(self.slot_of.values()))
+        pairs = []
         for u in missing:
             s = free.pop(0)
             k, v = self.unit_kv(u)
-            self.slot_k[s].copy_(k, non_blocking=True)
-            self.slot_v[s].copy_(v, non_blocking=True)
+            pairs += [(self.slot_k[s], k), (self.slot_v[s], v)]
             self.slot_of[u] = s
+        if self.side is not None:
+            self.loaded = self.side.copy(pairs) if pairs else self.loaded
+        else:
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
         for u in ids:  # lru: recency counter; lru-s: reset, then decayed and credited with attention mass

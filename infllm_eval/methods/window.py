@@ -19,6 +19,7 @@ class WindowMethod(ContextMethod):
     param_names = ("n_init", "n_local", "base", "distance_scale")
 
     def validate(self) -> None:
+        super().validate()
         for key in ("n_local", "n_init"):
             v = self.params.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "n_local" else 0):
@@ -61,6 +62,6 @@ class WindowMethod(ContextMethod):
             ik = self.rope.rotate(state["init_k"], k_at[: state["init_len"]])
             stages.append(Stage(self.rope.rotate(q, q_at), ik, state["init_v"],
                                 k_start=0, band=(self.n_local, INF)))
-        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile)
+        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile, self.fattn)
         win.drop_before(p1 - self.n_local + 1)  # the next query's window starts here at the earliest
         return out
