@@ -28,6 +28,7 @@ of `bench.warmup_tokens`. Lengths whose estimated K/V
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
 from infllm_eval.methods import make_method
 from infllm_eval.models import load_model
-from infllm_eval.store import device_name, to_markdown
+from infllm_eval.store import device_name, provenance, to_markdown
 
 
 class _RssPeak:
@@ -273,7 +274,10 @@ def prompt_build_seconds(cfg: DictConfig, length: int) -> dict:
 
 def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     """Runs the benchmark described by `bench.*` in the composed config; returns the table and its folder.
-    Every (method, length) cell runs in a fresh process (methods interleaved per length)."""
+    Every (method, length) cell runs in a fresh process. Cells run repeat by repeat, each repeat a full sweep
+    (lengths in order, methods interleaved per length): drift in the machine's speed then hits every method and
+    every length alike, so ratios between lengths hold as well as ratios between methods, and the first sweep is
+    complete before any repeat starts."""
     base = compose(overrides)
     bench_config_check(base)
     b = base.bench
@@ -288,10 +292,12 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     from infllm_eval.models import resolve_device_dtype
 
     device, dtype = resolve_device_dtype(base.device, base.dtype)
+    # which code and machine produced the figures (git commit + dirty flag, package versions, device)
+    (out / "provenance.json").write_text(json.dumps(provenance(device, int(base.seed)), indent=2), encoding="utf-8")
     peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size)) / 1e9
     rows = []
-    cells = [(length, rep, m) for length in lengths for rep in range(int(b.get("repeats", 1))) for m in methods]
-    for length, rep, m in cells:  # methods interleaved within each repeat, so drift hits all of them alike
+    cells = [(length, rep, m) for rep in range(int(b.get("repeats", 1))) for length in lengths for m in methods]
+    for length, rep, m in cells:
         row = {"model": base.model.name, "method": m, "length": length, "repeat": rep,
                "device": device_name(device)}
         row.update(_run_isolated(list(overrides), m, length))

@@ -1,5 +1,7 @@
 """`infllm-eval bench`: the accounting it relies on, and one real run on a tiny model (behaviour, not speed)."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -105,6 +107,9 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     assert ((saved["last_chunk_mfu"] - saved["last_chunk_useful_gflop_s"] / peak).abs() < 1e-4).all()
     assert (63 / saved["last_chunk_tok_s"] < saved["prefill_s"]).all()
     assert (out / "bench_throughput.png").stat().st_size > 0 and (out / "bench_memory.png").is_file()
+    prov = json.loads((out / "provenance.json").read_text())  # which code produced the figures
+    assert len(prov["git"]["commit"] or "x" * 40) == 40 and prov["device_name"] == saved["device"].iloc[0]
+    assert prov["versions"]["torch"] == torch.__version__
 
 
 def test_bench_rejects_bad_settings_before_loading_anything(tmp_path):
@@ -117,12 +122,16 @@ def test_bench_rejects_bad_settings_before_loading_anything(tmp_path):
 
 
 def test_bench_repeats_give_one_row_each_and_a_median_summary(tmp_path):
-    df, out = run_bench(["model=tiny-llama", "bench.methods=[streamingllm]", "bench.lengths=[128]",
+    df, out = run_bench(["model=tiny-llama", "bench.methods=[streamingllm]", "bench.lengths=[96,128]",
                          "bench.repeats=3", "bench.decode_tokens=1", "bench.warmup_tokens=16",
                          "bench.peak_matmul_size=128", "chunk_size=64", "bench.prompt_build_length=0",
                          f"bench.output_dir={tmp_path}"])
-    assert list(df["repeat"]) == [0, 1, 2] and set(df["status"]) == {"ok"}
-    s = pd.read_csv(out / "bench_summary.csv").iloc[0]
-    assert s["n"] == 3 and s["prefill_tok_s"] == df["prefill_tok_s"].median()
+    # repeat by repeat, each a full sweep over the lengths (drift hits both lengths alike)
+    assert list(zip(df["repeat"], df["length"])) == [(0, 96), (0, 128), (1, 96), (1, 128), (2, 96), (2, 128)]
+    assert set(df["status"]) == {"ok"}
+    summary = pd.read_csv(out / "bench_summary.csv")
+    assert list(summary["length"]) == [96, 128]
+    s = summary.iloc[1]
+    assert s["n"] == 3 and s["prefill_tok_s"] == df[df["length"] == 128]["prefill_tok_s"].median()
     assert s["prefill_tok_s_min"] <= s["prefill_tok_s"] <= s["prefill_tok_s_max"]
     assert "Median, min and max over the repeats" in (out / "bench.md").read_text()
