@@ -211,6 +211,14 @@ def _plot(df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def warm_up(eng: Engine, cfg: DictConfig) -> None:
+    """The untimed warm-up before a measurement: `bench.warmup_tokens` seeded random ids prefilled in `chunk_size`
+    chunks with fresh states (runners/memory_probe.py and runners/time_parts.py use it too)."""
+    vocab = eng.model.config.vocab_size
+    warm = torch.randint(0, vocab, (int(cfg.bench.warmup_tokens),), generator=torch.Generator().manual_seed(1))
+    eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))
+
+
 def _cell(overrides: list[str], method: str, length: int, results) -> None:
     """One (method, length) measurement in a fresh process, so its peak memory is its own."""
     try:
@@ -219,8 +227,7 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)
         vocab = lm.model.config.vocab_size
-        warm = torch.randint(0, vocab, (int(b.warmup_tokens),), generator=torch.Generator().manual_seed(1))
-        eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))  # warm-up, not timed
+        warm_up(eng, cfg)
         cell_peak = matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size))
         avail = psutil.virtual_memory().available if lm.device.type == "cpu" else torch.cuda.mem_get_info(lm.device)[0]
         need = _estimate_kv_bytes(eng, length)

@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 
-from infllm_eval.bench import _RssPeak
+from infllm_eval.bench import _RssPeak, warm_up
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
@@ -41,8 +41,7 @@ def main(argv: list[str]) -> None:
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)
     vocab, cs = lm.model.config.vocab_size, int(cfg.chunk_size)
-    warm = torch.randint(0, vocab, (int(cfg.bench.warmup_tokens),), generator=torch.Generator().manual_seed(1))
-    eng.prefill(eng.new_states(), warm, cs)
+    warm_up(eng, cfg)
     libc = glibc()
     libc.mallinfo2.restype = _MallInfo2
     mb, proc = 2**20, psutil.Process()

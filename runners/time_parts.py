@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 
+from infllm_eval.bench import warm_up
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
@@ -28,15 +29,14 @@ ORDER = ["attention (attend)", "  joint softmax (multi_stage_attention)", "    f
          "  unit lookup (_plan_topk)", "  unit gather", "  unit writes (UnitStore.add)"]
 
 
-def measure(length: int, overrides: list[str]) -> tuple[float, dict[str, tuple[int, float]]]:
-    """Prefill `length` seeded random ids with the timers in place; returns (seconds, {part: (calls, seconds)}).
-    The timers are removed again before returning."""
+def measure(cfg, length: int) -> tuple[float, dict[str, tuple[int, float]]]:
+    """Prefill `length` seeded random ids with the method of the composed config `cfg`, timers in place; returns
+    (seconds, {part: (calls, seconds)}). The timers are removed again before returning."""
     import infllm_eval.methods.infllm as infllm_mod
     import infllm_eval.methods.kernels as kernels
     from infllm_eval.methods.memory import UnitStore
     from infllm_eval.rope import Rope
 
-    cfg = compose(["method=infllm", *overrides])
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     method = make_method(cfg.method)
     eng = Engine(lm.model, method, lm.device, lm.dtype)
@@ -67,8 +67,7 @@ def measure(length: int, overrides: list[str]) -> tuple[float, dict[str, tuple[i
         setattr(owner, name, staticmethod(fn) if static else fn)
     try:
         vocab, cs = lm.model.config.vocab_size, int(cfg.chunk_size)
-        warm = torch.randint(0, vocab, (int(cfg.bench.warmup_tokens),), generator=torch.Generator().manual_seed(1))
-        eng.prefill(eng.new_states(), warm, cs)
+        warm_up(eng, cfg)
         stats.clear()
         ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(7))
         states = eng.new_states()
@@ -88,7 +87,7 @@ def measure(length: int, overrides: list[str]) -> tuple[float, dict[str, tuple[i
 def main(argv: list[str]) -> None:
     length, overrides = int(argv[0]), argv[1:]
     cfg = compose(["method=infllm", *overrides])
-    total, stats = measure(length, overrides)
+    total, stats = measure(cfg, length)
     print(f"{cfg.model.name} {cfg.method.name} {length} tokens, chunk {cfg.chunk_size}: {total:.1f} s, "
           f"{length / total:.1f} tok/s")
     for label, (n, sec) in stats.items():
