@@ -648,3 +648,38 @@ def test_logits_scratch_is_reused_and_carries_nothing_between_calls():
     out2, sc2 = kernels.multi_stage_attention(a, pos_a, 32**-0.5, 16)
     assert torch.equal(out1, out2)
     assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(sc1, sc2))
+
+
+def _dense_joint_attention(stages, pos, scale):
+    """One softmax over the concatenated stages, every (query, key) pair masked by its stage's band: output and,
+    per stage, the summed probabilities per key and query head."""
+    G = stages[0].q.shape[1] // stages[0].k.shape[1]
+    lgs, vs = [], []
+    for st in stages:
+        lg = st.q.float() @ st.k.float().repeat_interleave(G, dim=1).transpose(-1, -2) * scale
+        if st.band is not None:
+            dist = pos[:, None] - (st.k_start + torch.arange(st.k.shape[2]))[None, :]
+            lg = lg.masked_fill(~((dist >= st.band[0]) & (dist <= st.band[1])), -kernels.INF)
+        lgs.append(lg)
+        vs.append(st.v.float().repeat_interleave(G, dim=1))
+    p = torch.cat(lgs, dim=-1).softmax(-1)
+    out = p @ torch.cat(vs, dim=2)
+    sizes = [st.k.shape[2] for st in stages]
+    return out, [pi.sum(dim=2) for pi in p.split(sizes, dim=-1)]
+
+
+@pytest.mark.parametrize("r_start", [0, 170])
+def test_joint_softmax_equals_dense_attention_over_the_concatenated_stages(r_start):
+    """The tiled joint softmax (explicit and fused) = dense attention over all stages' keys at once, output and
+    per-key scores. The banded local stage takes the in-place row softmax joined by its log-sum-exp; the remainder
+    (band >= 64, queries at 200..269) has tiles where some queries see none of its keys with r_start 170 (the
+    shared-max branch; whole tiles see none, so the stage is skipped there) and every query sees some with 0."""
+    stages, pos = _random_stages("cpu", torch.float32)
+    stages[2].k_start = r_start
+    want, want_sc = _dense_joint_attention(stages, pos, 32**-0.5)
+    for fused in (True, False):
+        out, sc = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16, fused=fused)
+        assert (out - want).abs().max() <= 1e-5
+        for st, got, ref in zip(stages, sc, want_sc):
+            assert (got is None) == (not st.want_scores)
+            assert got is None or (got - ref).abs().max() <= 1e-5

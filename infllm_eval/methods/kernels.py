@@ -51,18 +51,33 @@ def _tile_mask(q0: int, q1: int, k0: int, k1: int, band, device) -> torch.Tensor
     return ok
 
 
+_EDGE_MASKS: dict[tuple, torch.Tensor | None] = {}
+
+
+def _edge_mask(q0: int, q1: int, c0: int, c1: int, band, device) -> torch.Tensor | None:
+    """The disallowed-mask (~_tile_mask) of an edge slice. It depends only on the tile's shape and on q0 - c0, which
+    repeat from tile to tile (the band slides with the queries), so each one is built once and kept."""
+    key = (q0 - c0, q1 - q0, c1 - c0, band, str(device))
+    if key not in _EDGE_MASKS:
+        if len(_EDGE_MASKS) > 4096:  # bound it: odd shapes (last tiles, short prompts) do not pile up
+            _EDGE_MASKS.clear()
+        ok = _tile_mask(q0 - c0, q1 - c0, 0, c1 - c0, band, device)  # distances are shift-invariant
+        _EDGE_MASKS[key] = None if ok is None else ~ok
+    return _EDGE_MASKS[key]
+
+
 def _mask_band_edges(lg: torch.Tensor, q0: int, q1: int, k0: int, k1: int, band) -> None:
     """Set to -inf the logits lg [..., q1-q0, k1-k0] of keys outside their query's band. Only the edge columns are
     touched: keys between positions q1-1-hi and q0-lo are in band for every query of the tile, so the mask is
-    built and applied on at most two slices of < q1-q0 columns each, never on the whole tile."""
+    applied on at most two slices of < q1-q0 columns each, never on the whole tile."""
     lo, hi = band
     left = k0 if hi == INF else min(k1, max(k0, int(q1 - 1 - hi)))  # [k0, left): too far for some queries
     right = max(left, min(k1, int(q0 - lo) + 1))  # [right, k1): too near (or in the future) for some queries
     for c0, c1 in ((k0, left), (right, k1)):
         if c1 > c0:
-            ok = _tile_mask(q0, q1, c0, c1, band, lg.device)
-            if ok is not None:
-                lg[..., c0 - k0 : c1 - k0].masked_fill_(~ok, -INF)
+            bad = _edge_mask(q0, q1, c0, c1, band, lg.device)
+            if bad is not None:
+                lg[..., c0 - k0 : c1 - k0].masked_fill_(bad, -INF)
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -182,8 +197,10 @@ def multi_stage_attention(
     Stages after the first without a band (InfLLM's retrieved units + initial tokens) go through a fused kernel
     (`fused_backend`: CPU flash, flash-attn or SDPA's memory-efficient kernel on CUDA) and join the softmax through
     their log-sum-exp (their scores, when wanted, are recomputed from the joint log-sum-exp); the others are
-    computed per query tile with the normalisation deferred to the [tile, D] output. `fused=False` (a method's
-    `fattn: false`) runs every stage on the explicit tiled path, a single stage without scores included."""
+    computed per query tile (a stage in which every query of the tile sees a key takes torch's row softmax in place
+    and joins through its log-sum-exp too), with the joint normalisation deferred to the [tile, D] output.
+    `fused=False` (a method's `fattn: false`) runs every stage on the explicit tiled path, a single stage without
+    scores included."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
@@ -233,24 +250,33 @@ def multi_stage_attention(
             if st.band is not None:
                 _mask_band_edges(lg, p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band)
             logits[i] = lg
-        # one softmax over all stages without concatenating them: shared row max, in-place exp, shared sum
-        m = torch.stack([lg.amax(dim=-1) for lg in logits.values()]).amax(dim=0)  # [B, H_kv, G, tq]
+        # one softmax over all stages without concatenating them. A stage whose every query sees a key of it
+        # takes torch's fused row softmax in place (one kernel, rows in cache) and joins the others through its
+        # log-sum-exp, lse_i = max_i - log(max of its probabilities); a stage with a fully masked row (e.g. the
+        # remainder for queries whose window still covers it) is exponentiated against the shared max m instead
+        maxes = {i: lg.amax(dim=-1, keepdim=True) for i, lg in logits.items()}  # [B, H_kv, G, tq, 1]
+        m = torch.stack(list(maxes.values())).amax(dim=0)
         lse_t = None
         if o_f is not None:
-            lse_t = lse_f[:, :, s:e].reshape(B, H_kv, G, tq)
+            lse_t = lse_f[:, :, s:e].reshape(B, H_kv, G, tq, 1)
             m = torch.maximum(m, lse_t)
-        m = m[..., None]
         denom = acc = None
+        weight = {}  # per stage: row factor from its probabilities to exp(logit - m), or None (already so)
         for i, lg in logits.items():
             a, b = spans[i]
-            lg.sub_(m).exp_()  # unnormalised probabilities
-            rs = lg.sum(dim=-1, keepdim=True)
-            denom = rs if denom is None else denom.add_(rs)
-            o = torch.matmul(lg.view(B, H_kv, G * tq, b - a), vs[i][:, :, a:b])
+            if torch.isneginf(maxes[i]).any():
+                lg.sub_(m).exp_()  # unnormalised probabilities against the shared max
+                rs, weight[i] = lg.sum(dim=-1, keepdim=True), None
+            else:
+                torch.ops.aten._softmax.out(lg, -1, False, out=lg)
+                rs = weight[i] = (maxes[i] - lg.amax(dim=-1, keepdim=True).log_() - m).exp_()  # exp(lse_i - m)
+            denom = rs.clone() if denom is None else denom.add_(rs)
+            o = torch.matmul(lg.view(B, H_kv, G * tq, b - a), vs[i][:, :, a:b]).view(B, H_kv, G, tq, D)
+            if weight[i] is not None:
+                o.mul_(weight[i])
             acc = o if acc is None else acc.add_(o)
-        acc = acc.view(B, H_kv, G, tq, D)
         if o_f is not None:
-            w = (lse_t[..., None] - m).exp_()  # weight of the fused stages [B, H_kv, G, tq, 1]
+            w = (lse_t - m).exp_()  # weight of the fused stages [B, H_kv, G, tq, 1]
             denom = denom.add_(w)
             acc = acc.add_(o_f[:, :, s:e].reshape(B, H_kv, G, tq, D) * w)
         for i in joined:
@@ -264,7 +290,8 @@ def multi_stage_attention(
         for i, lg in logits.items():
             if scores_out[i] is not None:  # sum over the tile's queries of the normalised probabilities
                 a, b = spans[i]
-                sc = torch.matmul(inv.transpose(-1, -2), lg)  # [B, H_kv, G, 1, b-a]
+                f = inv if weight[i] is None else weight[i] * inv
+                sc = torch.matmul(f.transpose(-1, -2), lg)  # [B, H_kv, G, 1, b-a]
                 scores_out[i][:, :, a:b] += sc.view(B, H, b - a)
         out[:, :, s:e] = acc.mul_(inv).reshape(B, H, tq, D).to(out.dtype)
     return out, scores_out
