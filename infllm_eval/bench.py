@@ -13,8 +13,9 @@ decoded greedily. Measured per (method, length):
   where logits are needed) plus the attention the method computes (4 * heads * head_dim FLOPs per attended key,
   `method.attended_keys`), divided by the time, and compared with this machine's matmul peak measured in the same
   run (best of several `bench.peak_matmul_size`^3 matmuls in the model dtype, measured before the cells and again
-  in every cell after its warm-up; the best of all is the run's one denominator), so the ratio holds on any
-  machine;
+  in every cell after its warm-up and after its measurement; the best of all is the run's one denominator), so
+  the ratio holds on any machine; `cell_mfu` divides by the best of the cell's own two measurements instead,
+  which follows a shared machine whose speed drifts between cells (never below `mfu`);
 - the last prefill chunk alone (`last_chunk_tok_s`, `last_chunk_mfu`): the per-token cost at that length once
   the method's memory has filled, where the whole-prompt figure also averages over the cheaper first chunks.
 
@@ -166,8 +167,8 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
     return row
 
 
-SUMMARY_COLUMNS = ("prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "workspace_mb", "mfu", "last_chunk_tok_s",
-                   "last_chunk_mfu")
+SUMMARY_COLUMNS = ("prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "workspace_mb", "mfu", "cell_mfu",
+                   "last_chunk_tok_s", "last_chunk_mfu")
 
 
 def summarize_repeats(df: pd.DataFrame) -> pd.DataFrame:
@@ -240,6 +241,10 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         else:
             ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(int(cfg.seed) + length))
             row.update(_measure(eng, ids, int(cfg.chunk_size), int(b.decode_tokens)))
+            # probed again right after: the cell's peak is the better of the two measurements around its prefill
+            cell_peak = max(cell_peak, matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size)))
+            row["cell_peak_gflop_s"] = round(cell_peak / 1e9, 1)
+            row["cell_mfu"] = round(row["useful_gflop_s"] / row["cell_peak_gflop_s"], 5)
     except (torch.OutOfMemoryError, MemoryError) as e:
         row = {"status": f"oom: {str(e)[:200]}"}
     except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on

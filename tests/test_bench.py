@@ -101,6 +101,9 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     peak = saved["peak_matmul_gflop_s"]  # one denominator: the best of the run's matmul measurements
     assert peak.nunique() == 1 and (peak >= saved["cell_peak_gflop_s"]).all()
     assert ((saved["mfu"] - saved["useful_gflop_s"] / peak).abs() < 1e-4).all()
+    # against the cell's own measurements (taken around its prefill): a smaller denominator, so never below mfu
+    assert ((saved["cell_mfu"] - saved["useful_gflop_s"] / saved["cell_peak_gflop_s"]).abs() < 1e-4).all()
+    assert (saved["cell_mfu"] >= saved["mfu"] - 1e-9).all()
     # the last chunk alone: positions 128..190 (prompt[:-1] in chunks of 64), timed within the prefill
     assert (saved["last_chunk_tokens"] == 63).all()
     assert (saved["last_chunk_tok_s"] > 0).all() and (saved["last_chunk_mfu"] > 0).all()
