@@ -683,3 +683,26 @@ def test_joint_softmax_equals_dense_attention_over_the_concatenated_stages(r_sta
         for st, got, ref in zip(stages, sc, want_sc):
             assert (got is None) == (not st.want_scores)
             assert got is None or (got - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_row_split_for_odd_kv_heads_equals_dense_attention(monkeypatch, threads):
+    """3 KV heads on 2 or 4 threads: the explicit path cuts each head's query rows into 2 or 4 bmm problems (K/V
+    copied per part); the short last tile (6 queries, 18 rows) is split in 2 but not in 4 (18 % 4 != 0) and then
+    runs unsplit; outputs and scores = dense attention."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert kernels._row_split(3, 3 * 64, torch.device("cpu")) == threads
+    assert kernels._row_split(3, 3 * 1, torch.device("cpu")) == 1  # decoding: no split
+    assert kernels._row_split(4, 3 * 64, torch.device("cpu")) == 1  # an even spread already
+    assert kernels._row_split(2, 3 * 64, torch.device("cpu")) == threads // 2
+    stages, pos = _random_stages("cpu", torch.float32, H=9, H_kv=3)
+    want, want_sc = _dense_joint_attention(stages, pos, 32**-0.5)
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: calls.append(a.shape[0]) or real_bmm(a, b, **kw))
+    for fused in (True, False):
+        out, sc = kernels.multi_stage_attention(stages, pos, 32**-0.5, 64, fused=fused)
+        assert (out - want).abs().max() <= 1e-5
+        for st, got, ref in zip(stages, sc, want_sc):
+            assert got is None or (got - ref).abs().max() <= 1e-5
+    assert 3 * threads in calls and (3 in calls) == (threads == 4)
