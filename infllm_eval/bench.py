@@ -220,10 +220,26 @@ def warm_up(eng: Engine, cfg: DictConfig) -> None:
     eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))
 
 
+def _is_method_override(o: str) -> bool:
+    return o.split("=", 1)[0].lstrip("+~").split(".")[0] == "method"
+
+
+def compose_method(overrides: list[str], method: str) -> DictConfig:
+    """The config of one bench method: the overrides, with `method=<method>` for any method choice in them, so
+    `method.params.*` overrides apply to it (`bench.methods` decides the methods, not `method=`)."""
+    try:
+        return compose([o for o in overrides if not o.startswith("method=")] + [f"method={method}"])
+    except UserError as e:
+        if not any(_is_method_override(o) and not o.startswith("method=") for o in overrides):
+            raise
+        raise UserError(f"bench.methods includes {method!r}, which does not take this override ({e}); bench it "
+                        f"without the override, or list in bench.methods only methods that take it.") from e
+
+
 def _cell(overrides: list[str], method: str, length: int, results) -> None:
     """One (method, length) measurement in a fresh process, so its peak memory is its own."""
     try:
-        cfg = compose([o for o in overrides if not o.startswith("method=")] + [f"method={method}"])
+        cfg = compose_method(overrides, method)
         b = cfg.bench
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)
@@ -290,15 +306,17 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     (lengths in order, methods interleaved per length): drift in the machine's speed then hits every method and
     every length alike, so ratios between lengths hold as well as ratios between methods, and the first sweep is
     complete before any repeat starts."""
-    base = compose(overrides)
-    bench_config_check(base)
-    b = base.bench
+    b = compose([o for o in overrides if not _is_method_override(o)]).bench  # method overrides need a method
     methods = list(b.methods)
     lengths = sorted(int(x) for x in b.lengths)
     if not methods or not lengths:
         raise UserError("bench.methods and bench.lengths must not be empty, e.g. bench.lengths=[4096,8192].")
-    for m in methods:  # every method validated before any weights load
-        make_method(compose([o for o in overrides if not o.startswith("method=")] + [f"method={m}"]).method)
+    cfgs = {m: compose_method(overrides, m) for m in methods}
+    for cfg in cfgs.values():  # every method validated before any weights load
+        make_method(cfg.method)
+    base = cfgs[methods[0]]  # bench.*, model, device, seed; its method node is the first method's
+    bench_config_check(base)
+    b = base.bench
     out = Path(b.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from infllm_eval.models import resolve_device_dtype

@@ -139,3 +139,19 @@ def test_bench_repeats_give_one_row_each_and_a_median_summary(tmp_path):
     assert s["n"] == 3 and s["prefill_tok_s"] == df[df["length"] == 128]["prefill_tok_s"].median()
     assert s["prefill_tok_s_min"] <= s["prefill_tok_s"] <= s["prefill_tok_s_max"]
     assert "Median, min and max over the repeats" in (out / "bench.md").read_text()
+
+
+def test_bench_takes_method_params_overrides_for_the_methods_it_benches(tmp_path):
+    """`method.params.*` overrides apply to the benched method (not to the config's default method, which may
+    not have the key); a method in bench.methods that lacks the key, or a bad value, is refused in one sentence."""
+    common = ["model=tiny-llama", "bench.lengths=[96]", "bench.decode_tokens=1", "bench.warmup_tokens=16",
+              "bench.peak_matmul_size=64", "chunk_size=64", "bench.prompt_build_length=0",
+              f"bench.output_dir={tmp_path}"]
+    df, out = run_bench([*common, "bench.methods=[infllm]", "method.params.topk=3"])
+    assert list(df["status"]) == ["ok"]
+    saved = compose(["method=infllm"])  # the default is not 3, so the written config shows the override
+    assert saved.method.params.topk != 3 and "topk: 3" in (out / "config.yaml").read_text()
+    with pytest.raises(UserError, match="bench.methods includes 'full'"):
+        run_bench([*common, "bench.methods=[full,infllm]", "method.params.topk=3"])
+    with pytest.raises(UserError, match="topk must be a positive integer"):
+        run_bench([*common, "bench.methods=[infllm]", "method.params.topk=0"])
