@@ -306,7 +306,9 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     (lengths in order, methods interleaved per length): drift in the machine's speed then hits every method and
     every length alike, so ratios between lengths hold as well as ratios between methods, and the first sweep is
     complete before any repeat starts."""
-    b = compose([o for o in overrides if not _is_method_override(o)]).bench  # method overrides need a method
+    probe = compose([o for o in overrides if not _is_method_override(o)])  # method overrides need a method
+    bench_config_check(probe)
+    b = probe.bench
     methods = list(b.methods)
     lengths = sorted(int(x) for x in b.lengths)
     if not methods or not lengths:
@@ -314,9 +316,7 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     cfgs = {m: compose_method(overrides, m) for m in methods}
     for cfg in cfgs.values():  # every method validated before any weights load
         make_method(cfg.method)
-    base = cfgs[methods[0]]  # bench.*, model, device, seed; its method node is the first method's
-    bench_config_check(base)
-    b = base.bench
+    base = cfgs[methods[0]]  # model, device, seed and the written config; its method node is the first method's
     out = Path(b.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from infllm_eval.models import resolve_device_dtype
