@@ -160,6 +160,7 @@ class Engine:
         rows = min(L, self.mlp_rows or L)
         inter = self.model.config.intermediate_size
         gate, up, down = ws.get("gate", rows, inter), ws.get("up", rows, inter), ws.get("down", rows, hidden)
+        o_heads = o_flat.view(1, L, s.n_heads, s.head_dim).transpose(1, 2)  # [1, H, L, D]: attention output
         pos = torch.arange(start, start + L, device=self.device)
         for layer, state in zip(self.inner.layers, states):
             attn = layer.self_attn
@@ -169,8 +170,9 @@ class Engine:
             _linear(attn.v_proj, x, v)
             o = self.method.attend(state, q.view(1, L, s.n_heads, s.head_dim).transpose(1, 2),
                                    k.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2),
-                                   v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos)  # [1, H, L, D]
-            o_flat.view(1, L, s.n_heads, s.head_dim).copy_(o.transpose(1, 2))
+                                   v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos, out=o_heads)
+            if o is not o_heads:  # a method that allocates its own output
+                o_heads.copy_(o)
             _linear(attn.o_proj, o_flat, x)  # x is free until the next norm
             h.add_(x)
             _rms_norm(layer.post_attention_layernorm, h, x, var)

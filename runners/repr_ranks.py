@@ -40,9 +40,9 @@ def main(argv: list[str]) -> None:
         s["layer"] = i
         return s
 
-    def attend(self, state, q, k, v, pos):
+    def attend(self, state, q, k, v, pos, out=None):
         layer_now[0] = state["layer"]
-        return orig[1](self, state, q, k, v, pos)
+        return orig[1](self, state, q, k, v, pos, out)
 
     def representative(self, k, score):
         units.setdefault(layer_now[0], []).append((k[0].clone(), score[0].clone()))

@@ -21,7 +21,7 @@ class DenseInfLLM(ContextMethod):
     def new_state(self, layer_idx):
         return {"k": [], "v": [], "score": None, "units": [], "init_len": 0, "rem_st": 0}
 
-    def attend(self, st, q, k, v, pos):
+    def attend(self, st, q, k, v, pos, out=None):  # returns its own output (the engine copies it)
         p = self.params
         n_local, n_init, bs, topk, r, E = (p["n_local"], p["n_init"], p["block_size"], p["topk"], p["repr_topk"],
                                            p["exc_block_size"])
@@ -96,7 +96,7 @@ class DenseWindow(ContextMethod):
     def new_state(self, layer_idx):
         return {"k": [], "v": []}
 
-    def attend(self, st, q, k, v, pos):
+    def attend(self, st, q, k, v, pos, out=None):  # returns its own output (the engine copies it)
         n_local, n_init, scheme = self.params["n_local"], self.params["n_init"], self.params["scheme"]
         st["k"].append(k[0].clone()), st["v"].append(v[0].clone())  # k, v are engine buffers
         K, V = torch.cat(st["k"], 1), torch.cat(st["v"], 1)

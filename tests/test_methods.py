@@ -337,9 +337,9 @@ def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     seen = []
     real = kernels.multi_stage_attention
 
-    def spy(stages, q_pos, scale, q_tile=256, fused=True):
+    def spy(stages, q_pos, scale, q_tile=256, fused=True, out=None):
         seen.append(min(q_tile, stages[0].q.shape[2]) * sum(s.k.shape[2] for s in stages))
-        return real(stages, q_pos, scale, q_tile, fused)
+        return real(stages, q_pos, scale, q_tile, fused, out)
 
     for mod in ("infllm_eval.methods.infllm", "infllm_eval.methods.window", "infllm_eval.methods.full"):
         monkeypatch.setattr(f"{mod}.multi_stage_attention", spy)

@@ -22,7 +22,7 @@ class FullAttention(ContextMethod):
     def new_state(self, layer_idx: int) -> dict:
         return {"kv": None}
 
-    def attend(self, state, q, k, v, pos):
+    def attend(self, state, q, k, v, pos, out=None):
         p0 = int(pos[0])  # positions are contiguous
         q = self.rope.rotate_range(q, p0)
         k = self.rope.rotate_range(k, p0)
@@ -33,5 +33,5 @@ class FullAttention(ContextMethod):
         keys, values = buf.view()
         stage = Stage(q, keys, values, k_start=0, band=(0, INF))  # keys sit at positions 0..len-1
         out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
-                                       fused=self.fattn)
+                                       fused=self.fattn, out=out)
         return out

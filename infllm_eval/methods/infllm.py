@@ -117,7 +117,7 @@ class InfLLM(ContextMethod):
         return {"rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
 
     # -- one forward call ---------------------------------------------------------------------------------------
-    def attend(self, state: dict, q, k, v, pos):
+    def attend(self, state: dict, q, k, v, pos, out=None):
         L = q.shape[2]
         p_first = int(pos[0])
         if state["rem"] is None:
@@ -131,7 +131,7 @@ class InfLLM(ContextMethod):
             state["rem"].before_overwrite = state["units"].settle_writes
         rem: SlidingKV = state["rem"]
         units: UnitStore = state["units"]
-        out = q.new_empty(q.shape)
+        out = q.new_empty(q.shape) if out is None else out
         plan = None
         for st in range(0, L, self.exc):
             ed = min(L, st + self.exc)
@@ -141,8 +141,8 @@ class InfLLM(ContextMethod):
             if sel is not None and not self.perhead:
                 units.load(sel)  # with offload, the copies start before the block's local-stage work is queued
             rem.append(k[:, :, st:ed], v[:, :, st:ed])
-            out[:, :, st:ed] = self._exec_block(state, q[:, :, st:ed], self._global_q(q[:, :, st:ed]), pos[st:ed],
-                                                p_first + st, p_first + ed, sel)
+            self._exec_block(state, q[:, :, st:ed], self._global_q(q[:, :, st:ed]), pos[st:ed],
+                             p_first + st, p_first + ed, sel, out[:, :, st:ed])
             self._append_global(state, p_first + ed)
         return out
 
@@ -199,8 +199,9 @@ class InfLLM(ContextMethod):
             chosen.setdefault(u)
         return sorted(chosen)  # the centres and their neighbours take <= 3 * n_centers <= topk slots (not extra)
 
-    def _exec_block(self, state, q_blk, qg_blk, pos_blk, p0: int, p1: int, sel) -> torch.Tensor:
-        """Attention for queries at positions [p0, p1): local window + (units, init, remainder) at fixed distance."""
+    def _exec_block(self, state, q_blk, qg_blk, pos_blk, p0: int, p1: int, sel, out: torch.Tensor) -> None:
+        """Attention for queries at positions [p0, p1), written into `out`: local window + (units, init,
+        remainder) at fixed distance."""
         rem: SlidingKV = state["rem"]
         units: UnitStore = state["units"]
         # local stage: window-relative positions keep RoPE angles small at any context length
@@ -227,14 +228,13 @@ class InfLLM(ContextMethod):
             band = (self.n_local, INF) if self.mask_fix else None
             stages.append(Stage(qg_blk, h(rk), h(rv), k_start=rem.start,
                                 band=band))
-        out, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile, self.fattn)
+        _, scores = multi_stage_attention(stages, pos_blk, self.scale, self.q_tile, self.fattn, out=out)
         loc = scores[0]  # [B, H, window] summed over the block's queries
         rem.scores(w0, p1).add_(loc)
         if len(scores) > 1 and scores[1] is not None and sel is not None:
             n_u = len(sel) * self.block_size
             mass = scores[1][..., :n_u].sum(dim=(0, 1)).view(len(sel), self.block_size).sum(-1)
             units.credit(sel, mass)
-        return out
 
     def _per_head_layout(self, x: torch.Tensor) -> torch.Tensor:
         """perhead: every stage uses one K/V head per query head (units differ per head); else unchanged (GQA)."""

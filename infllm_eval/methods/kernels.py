@@ -124,13 +124,12 @@ def _split_kv(x: torch.Tensor, s: int, slot) -> torch.Tensor:
 SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
 
 
-def _single_stage_sdpa(st: Stage, p0: int, scale: float) -> torch.Tensor:
+def _single_stage_sdpa(st: Stage, p0: int, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Fast path (no scores wanted, one stage): torch SDPA per query tile over the visible keys only."""
     import torch.nn.functional as F
 
     L, T = st.q.shape[2], st.k.shape[2]
     q_tile = SDPA_Q_TILE
-    out = torch.empty_like(st.q)
     for s in range(0, L, q_tile):
         e = min(L, s + q_tile)
         a, b = (0, T) if st.band is None else _visible_range(p0 + s, p0 + e - 1, st.k_start, T, st.band)
@@ -211,7 +210,8 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
 
 
 def multi_stage_attention(
-    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64, fused: bool = True
+    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64, fused: bool = True,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Joint-softmax attention over `stages`; returns output [B, H, L, D] and, per stage, the summed
     probabilities [B, H, T] (or None). Math is fp32. Query positions are contiguous (q_pos[0] + arange(L)) and so
@@ -225,7 +225,7 @@ def multi_stage_attention(
     computed per query tile (a stage in which every query of the tile sees a key takes torch's row softmax in place
     and joins through its log-sum-exp too), with the joint normalisation deferred to the [tile, D] output.
     `fused=False` (a method's `fattn: false`) runs every stage on the explicit tiled path, a single stage without
-    scores included."""
+    scores included. `out` (any strides, e.g. a view of the engine's buffer) receives the output when given."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
@@ -235,8 +235,9 @@ def multi_stage_attention(
         torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=q0.device) if st.want_scores else None
         for st in stages
     ]
+    out = q0.new_empty(B, H, L, D) if out is None else out
     if fused and len(stages) == 1 and not stages[0].want_scores:
-        return _single_stage_sdpa(stages[0], p0, scale), scores_out
+        return _single_stage_sdpa(stages[0], p0, scale, out), scores_out
     joined, o_f, lse_f = [], None, None  # stages that went through the fused kernel
     for i in range(1, len(stages)):  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
         r = _fused_stage(stages[i], scale) if fused else None
@@ -251,7 +252,6 @@ def multi_stage_attention(
             o_f = o_f * (lse_f - new).exp_()[..., None] + o_i * (lse_i - new).exp_()[..., None]
             lse_f = new
     rest = [i for i in range(len(stages)) if i not in joined]
-    out = q0.new_empty(B, H, L, D)
     qs = {i: stages[i].q.float() * scale for i in rest}
     n_tile = B * H_kv * G * min(q_tile, L)
     split = _row_split(B * H_kv, G * min(q_tile, L), q0.device)

@@ -40,7 +40,7 @@ class WindowMethod(ContextMethod):
     def new_state(self, layer_idx: int) -> dict:
         return {"win": None, "init_k": None, "init_v": None, "init_len": 0}
 
-    def attend(self, state, q, k, v, pos):
+    def attend(self, state, q, k, v, pos, out=None):
         L, p0 = q.shape[2], int(pos[0])
         p1 = p0 + L
         if state["win"] is None:
@@ -62,6 +62,6 @@ class WindowMethod(ContextMethod):
             ik = self.rope.rotate(state["init_k"], k_at[: state["init_len"]])
             stages.append(Stage(self.rope.rotate(q, q_at), ik, state["init_v"],
                                 k_start=0, band=(self.n_local, INF)))
-        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile, self.fattn)
+        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile, self.fattn, out=out)
         win.drop_before(p1 - self.n_local + 1)  # the next query's window starts here at the earliest
         return out
