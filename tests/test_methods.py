@@ -685,6 +685,41 @@ def test_joint_softmax_equals_dense_attention_over_the_concatenated_stages(r_sta
             assert got is None or (got - ref).abs().max() <= 1e-5
 
 
+def test_attention_writes_into_a_strided_out_and_methods_fill_the_engines_buffer():
+    """`out=` takes a non-contiguous [B, H, L, D] view (the engine's [L, H * D] buffer) and gets the same
+    values as a fresh output, on the fused and the explicit path; every method returns the engine's view
+    itself, so no chunk-sized output is allocated per layer (it used to fragment the heap), with the same
+    logits as a method that returns its own output for the engine to copy."""
+    stages, pos = _random_stages("cpu", torch.float32)
+    B, H, L, D = stages[0].q.shape
+    for fused in (True, False):
+        want, _ = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16, fused=fused)
+        flat = torch.full((L, H * D), float("nan"))
+        view = flat.view(B, L, H, D).transpose(1, 2)
+        got, _ = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16, fused=fused, out=view)
+        assert got is view and torch.equal(view, want)
+    m = tiny("tiny-llama")
+    ids = prompt(m, 200, seed=5)
+    for method in (FullAttention(), StreamingLLM(n_init=8, n_local=64), LMInfinite(n_init=8, n_local=64),
+                   InfLLM(**SMALL)):
+        eng = Engine(m, method, torch.device("cpu"), torch.float32)
+        real, same = method.attend, []
+        method.attend = lambda state, q, k, v, pos, out=None, real=real: real(state, q, k, v, pos)  # its own
+        ref = eng.prefill(eng.new_states(), ids, 64)  # the engine copies it into its buffer
+
+        def spy(state, q, k, v, pos, out=None, real=real):
+            o = real(state, q, k, v, pos, out=out)
+            buf = eng.ws.bufs["o"]
+            same.append(o is out and out.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr())
+            return o
+
+        method.attend = spy
+        logits = eng.prefill(eng.new_states(), ids, 64)
+        del method.attend
+        assert same and all(same), type(method).__name__
+        assert torch.equal(logits, ref)
+
+
 @pytest.mark.parametrize("threads", [2, 4])
 def test_row_split_for_odd_kv_heads_equals_dense_attention(monkeypatch, threads):
     """3 KV heads on 2 or 4 threads: the explicit path cuts each head's query rows into 2 or 4 bmm problems (K/V

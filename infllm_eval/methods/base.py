@@ -74,8 +74,8 @@ class ContextMethod:
     def attend(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D],
-        written into `out` when given (the engine passes a strided view of its reusable buffer, so no chunk-sized
-        output is allocated per layer) and returned.
+        written into `out` when given (the engine passes a strided view of its reusable buffer, so no
+        chunk-sized output is allocated per layer) and returned.
 
         q, k and v are views of the engine's reusable buffers, valid only during this call: copy what the state
         keeps (the next layer overwrites them)."""

@@ -225,7 +225,8 @@ def multi_stage_attention(
     computed per query tile (a stage in which every query of the tile sees a key takes torch's row softmax in place
     and joins through its log-sum-exp too), with the joint normalisation deferred to the [tile, D] output.
     `fused=False` (a method's `fattn: false`) runs every stage on the explicit tiled path, a single stage without
-    scores included. `out` (any strides, e.g. a view of the engine's buffer) receives the output when given."""
+    scores included. `out` (any strides, e.g. a view of the engine's buffer) receives the output when
+    given."""
     q0 = stages[0].q
     B, H, L, D = q0.shape
     H_kv = stages[0].k.shape[1]
