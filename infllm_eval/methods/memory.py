@@ -169,7 +169,8 @@ class UnitStore:
         self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (K, V) [slab_units, B, H_kv, block_size, D]
         self.unit_bytes = 2 * unit_bytes  # K and V
         # faiss (reference): the representative vectors in host memory, scored there
-        self._repr = torch.empty(16, B, n_heads, D, dtype=like_k.dtype, device="cpu" if repr_on_host else self.device)
+        self._repr = _buffer((16, B, n_heads, D), like_k.dtype,
+                             torch.device("cpu") if repr_on_host else self.device)
         self.n = 0
         # device cache (only with offload): slot tensors + unit -> slot, unit -> lru value
         self.max_cached_block, self.cache_strategy, self.score_decay = max_cached_block, cache_strategy, score_decay
@@ -195,8 +196,10 @@ class UnitStore:
         else:
             sk[i].copy_(k, non_blocking=True)
             sv[i].copy_(v, non_blocking=True)
-        if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit
-            new = self._repr.new_empty(self.n + max(16, self.n // 2), *self._repr.shape[1:])
+        if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit. On CPU a memory map (`_buffer`): its unwritten
+            # tail is not resident and the old one goes back to the OS, where heap tensors left their unused tail and
+            # the freed old one behind (runners/memory_probe.py 65536 topk=16: workspace +29 MB at 49K tokens)
+            new = _buffer((self.n + max(16, self.n // 2), *self._repr.shape[1:]), self._repr.dtype, self._repr.device)
             new[: self.n] = self._repr
             self._repr = new
         self._repr[self.n] = rep
