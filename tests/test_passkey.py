@@ -281,7 +281,7 @@ def test_too_short_length(bpe: Any) -> None:
         ("samples", 0, "task.samples"),
         ("samples", True, "task.samples"),
         ("max_new_tokens", 0, "task.max_new_tokens"),
-        ("profile", "offical", "Did you mean 'official'"),
+        ("profile", "offical", "Unknown task.profile 'offical'. Did you mean 'official'"),
         ("depths", [0.333, 0.334], "id 'passkey-L300-d0.33-0'"),
     ],
 )

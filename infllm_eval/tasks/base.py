@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from infllm_eval.errors import UserError, unknown_name
+
 #: `render(text) -> text`: applies the model's chat template to a user message, or returns it unchanged.
 Render = Callable[[str], str]
 
@@ -55,3 +57,21 @@ class SampleSkipped(Exception):
 
     The sample is recorded (status `skipped`, with the reason) and the run goes on.
     """
+
+
+def pick_profile(definition: dict, name: Any) -> tuple[str, dict]:
+    """The prompt profile `task.profile` names (else the definition's `default_profile`, else "infllm"):
+    (its name, its settings)."""
+    profiles: dict = definition.get("profiles") or {}
+    chosen = str(name or definition.get("default_profile") or "infllm")
+    if chosen not in profiles:
+        raise unknown_name("task.profile", chosen, list(profiles))
+    return chosen, profiles[chosen]
+
+
+def max_new_tokens(override: Any, profile: dict) -> int:
+    """`task.max_new_tokens` if set, else the profile's."""
+    value = profile["max_new_tokens"] if override is None else override
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"task.max_new_tokens must be a positive integer or null; got {value!r}.")
+    return value

@@ -32,7 +32,7 @@ import torch
 
 from infllm_eval.errors import UserError, unknown_name
 from infllm_eval.tasks import data
-from infllm_eval.tasks.base import Render, Sample
+from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 from infllm_eval.tasks.truncation import check_policy, truncate
 
 #: Bump when prompts or ids are assembled differently, so old results no longer match the fingerprint.
@@ -100,10 +100,10 @@ class BenchmarkTask:
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.metric: str = definition["metric"]
-        self.profile, profile = _pick_profile(definition, task_cfg.get("profile"))
+        self.profile, profile = pick_profile(definition, task_cfg.get("profile"))
         self._profile = profile
         self.template: str = profile["template"]
-        self.max_new_tokens = _max_new_tokens(task_cfg.get("max_new_tokens"), profile)
+        self.max_new_tokens = max_new_tokens(task_cfg.get("max_new_tokens"), profile)
         self.truncation = check_policy(task_cfg.get("truncation") or "none")
         self.max_length = _optional_positive(task_cfg.get("max_length"), "task.max_length")
         self.head_tokens = int(definition.get("head_tail_init_tokens", 128))
@@ -252,21 +252,6 @@ def _length_of(row: dict, buckets: list[int] | None) -> int:
 
 def _unknown_recipe(name: str) -> Callable:
     raise unknown_name("task recipe", name, list(RECIPES))
-
-
-def _pick_profile(definition: dict, name: Any) -> tuple[str, dict]:
-    profiles: dict = definition.get("profiles") or {}
-    chosen = str(name or definition.get("default_profile") or "infllm")
-    if chosen not in profiles:
-        raise unknown_name("task.profile", chosen, list(profiles))
-    return chosen, profiles[chosen]
-
-
-def _max_new_tokens(override: Any, profile: dict) -> int:
-    value = profile["max_new_tokens"] if override is None else override
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"task.max_new_tokens must be a positive integer or null; got {value!r}.")
-    return value
 
 
 def _optional_positive(value: Any, key: str) -> int | None:

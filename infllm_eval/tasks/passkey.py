@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError, unknown_name
-from infllm_eval.tasks.base import Render, Sample
+from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 
 #: Stand-in for the context while the prompt skeleton goes through the chat template.
 CONTEXT_PLACEHOLDER = "<<<INFLLM_EVAL_CONTEXT>>>"
@@ -83,9 +83,9 @@ class PasskeyTask:
         self.key_duplications: int = int(definition.get("key_duplications", 0))
         self.metric: str = definition.get("metric", "first_int_match")
 
-        self.profile, profile = _pick_profile(definition, task_cfg.get("profile"))
+        self.profile, profile = pick_profile(definition, task_cfg.get("profile"))
         self.template: str = profile["template"]
-        self.max_new_tokens: int = _max_new_tokens(task_cfg.get("max_new_tokens"), profile)
+        self.max_new_tokens: int = max_new_tokens(task_cfg.get("max_new_tokens"), profile)
 
         self.lengths = _validate_lengths(task_cfg.get("lengths"))
         self.depths = _validate_depths(task_cfg.get("depths"))
@@ -315,21 +315,6 @@ class PasskeyTask:
 
 
 # ---- config validation ---------------------------------------------------------------------------------
-
-
-def _pick_profile(definition: dict, name: Any) -> tuple[str, dict]:
-    profiles: dict = definition.get("profiles") or {}
-    chosen = str(name or definition.get("default_profile") or "infllm")
-    if chosen not in profiles:
-        raise unknown_name("passkey profile", chosen, list(profiles))
-    return chosen, profiles[chosen]
-
-
-def _max_new_tokens(override: Any, profile: dict) -> int:
-    value = profile["max_new_tokens"] if override is None else override
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"task.max_new_tokens must be a positive integer or null; got {value!r}.")
-    return value
 
 
 def _as_list(value: Any) -> list:
