@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infllm_eval.config import GROUPS, compose, expand_sweep, group_options, resolved_yaml
+from infllm_eval.config import GROUPS, compose, expand_sweep, group_options, resolved_yaml, searchpath_overrides
 from infllm_eval.data_cli import data_app
 from infllm_eval.errors import UserError, unknown_name
 
@@ -101,7 +101,7 @@ def _run_hydra(overrides: list[str]) -> None:
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     entry = main(this._hydra_cell)
     argv = sys.argv
-    sys.argv = ["infllm-eval", "-m", *_force_keys_of_swept_groups(overrides)]
+    sys.argv = ["infllm-eval", "-m", *_force_keys_of_swept_groups(overrides), *searchpath_overrides()]
     try:
         entry()
     finally:

@@ -16,18 +16,30 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from infllm_eval.errors import UserError, unknown_name
-from infllm_eval.paths import conf_dir
+from infllm_eval.paths import conf_dir, conf_dirs
 
 GROUPS = ("model", "method", "task")
 
 
 def group_options(group: str) -> dict[str, str]:
-    """name -> one-line description, read from conf/<group>/*.yaml without composing (instant)."""
-    out = {}
-    for p in sorted((conf_dir() / group).glob("*.yaml")):
-        data = yaml.safe_load(p.read_text()) or {}
-        out[p.stem] = str(data.get("description", "")).strip()
+    """name -> one-line description, read from conf/<group>/*.yaml (and plugin folders' conf/<group>/, see
+    `paths.conf_dirs`) without composing (instant). A name defined twice is refused: Hydra would pick one silently."""
+    out: dict[str, str] = {}
+    seen: dict[str, Path] = {}
+    for folder in conf_dirs():
+        for p in sorted((folder / group).glob("*.yaml")):
+            if p.stem in seen:
+                raise UserError(f"{group} '{p.stem}' is defined twice ({seen[p.stem]} and {p}); rename one.")
+            seen[p.stem] = p
+            data = yaml.safe_load(p.read_text()) or {}
+            out[p.stem] = str(data.get("description", "")).strip()
     return out
+
+
+def searchpath_overrides() -> list[str]:
+    """`hydra.searchpath=[...]` for the plugin folders' conf/ (none without INFLLM_EVAL_PATH)."""
+    extra = conf_dirs()[1:]
+    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in extra)}]"] if extra else []
 
 
 def _check_group_names(overrides: list[str]) -> None:
@@ -51,7 +63,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     _check_group_names(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=[*overrides, *searchpath_overrides()])
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"Bad override: {_first_line(e)}") from e
     validate(cfg)

@@ -31,3 +31,21 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "infllm-eval"
     )
     return Path(root)
+
+
+def plugin_dirs() -> list[Path]:
+    """Folders named by INFLLM_EVAL_PATH (os.pathsep-separated): each may hold `conf/<group>/*.yaml` and
+    `tasks/*.yaml` that extend the packaged ones (a plugin's configs; its code joins through the `infllm_eval`
+    entry point group, `infllm_eval.registry`)."""
+    raw = os.environ.get("INFLLM_EVAL_PATH", "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def conf_dirs() -> list[Path]:
+    """The packaged conf/ first, then each plugin folder's conf/."""
+    return [conf_dir(), *(d / "conf" for d in plugin_dirs() if (d / "conf").is_dir())]
+
+
+def tasks_dirs() -> list[Path]:
+    """The packaged tasks/ first, then each plugin folder's tasks/."""
+    return [tasks_dir(), *(d / "tasks" for d in plugin_dirs() if (d / "tasks").is_dir())]
