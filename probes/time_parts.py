@@ -52,7 +52,7 @@ def timers(method):
         return wrapper
 
     cls = type(method)
-    module = sys.modules[cls.__module__]  # the joint softmax as the method's own module calls it
+    module = sys.modules[cls.attend.__module__]  # the joint softmax as the module of the method's attend calls it
     patches = [(cls, "attend", ORDER[0], False), (module, "multi_stage_attention", ORDER[1], False),
                (kernels, "_fused_stage", ORDER[2], False), (Rope, "apply", ORDER[3], True),
                (cls, "_plan_topk", ORDER[4], False), (UnitStore, "gather", ORDER[5], False),
