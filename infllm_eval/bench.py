@@ -47,14 +47,14 @@ from infllm_eval.models import load_model
 from infllm_eval.store import device_name, provenance, to_markdown
 
 
-class _RssPeak:
+class RssPeak:
     """Samples this process's RSS in a thread; `peak` is the highest value seen between start and stop."""
 
     def __init__(self, every_s: float = 0.005):
         self.proc, self.every_s, self.peak = psutil.Process(), every_s, 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> "RssPeak":
         self.peak = self.proc.memory_info().rss
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -118,7 +118,7 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     rss0 = psutil.Process().memory_info().rss
-    with _RssPeak() as rss:
+    with RssPeak() as rss:
         states = engine.new_states()
         _sync(dev)
         laps = []  # (start, end, clock) after each prefill chunk
@@ -214,7 +214,7 @@ def _plot(df: pd.DataFrame, out: Path) -> list[Path]:
 
 def warm_up(eng: Engine, cfg: DictConfig) -> None:
     """The untimed warm-up before a measurement: `bench.warmup_tokens` seeded random ids prefilled in `chunk_size`
-    chunks with fresh states (runners/memory_probe.py and runners/time_parts.py use it too)."""
+    chunks with fresh states (probes/memory_probe.py and probes/time_parts.py use it too)."""
     vocab = eng.model.config.vocab_size
     warm = torch.randint(0, vocab, (int(cfg.bench.warmup_tokens),), generator=torch.Generator().manual_seed(1))
     eng.prefill(eng.new_states(), warm, int(cfg.chunk_size))

@@ -25,6 +25,15 @@ Departures / named options (recorded in provenance via `describe()`):
   the unit before and after them, the rest of the `topk` slots are filled by rank; with `neighbor_extra` (default
   false) the neighbours come on top of the `topk` best (up to topk + 2 * neighbor_units units). Measured on
   SmolLM2 passkey: the misses were needles whose key straddled a unit boundary (README, *Measured results*).
+
+Observation hook (for the research probes in `probes/`; never changes outputs): `observer` is None (class default,
+one `if` per lookup / packed unit when unset); set it on an instance to a callable `observer(event, layer, **data)`:
+- `"lookup"`, each time the units are scored (more than topk stored): `query` the mean global queries [nb, H, D]
+  (fp32), `scores` the per-head unit scores [nb, H, U], `selection` the chosen units per block (as returned by
+  `_plan_topk`), `first` / `n_queries` the block's first query and the call's query count (1 when decoding);
+- `"unit"`, each unit packed into memory: `keys` [B, H_kv, block_size, D] (un-rotated) and `scores` [B, H,
+  block_size] (accumulated local attention), from which the representative vector is built.
+The tensors are views valid only during the call (copy what you keep); setting `observer = None` detaches it.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class InfLLM(ContextMethod):
                    "pin_memory", "async_global_stream", "faiss")
     neutral = {"head_reduce": "sum", "neighbor_extra": False, "pin_memory": True, "async_global_stream": False,
                "faiss": False}
+    observer = None  # see "Observation hook" above
 
     def validate(self) -> None:
         super().validate()
@@ -114,7 +124,7 @@ class InfLLM(ContextMethod):
                 "neighbor_units": int(self.params.get("neighbor_units") or 0)}
 
     def new_state(self, layer_idx: int) -> dict:
-        return {"rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
+        return {"layer": layer_idx, "rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
 
     # -- one forward call ---------------------------------------------------------------------------------------
     def attend(self, state: dict, q, k, v, pos, out=None):
@@ -166,14 +176,19 @@ class InfLLM(ContextMethod):
         per_head = self.unit_scores(qm, units)  # [nb, H, U]
         if self.perhead:
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
-            return [idx[i] for i in range(len(blocks))]
-        score = per_head.amax(dim=1) if self.params.get("head_reduce") == "max" else per_head.sum(dim=1)  # [nb, U]
-        nbr = int(self.params.get("neighbor_units") or 0)
-        if nbr:
-            order = score.argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
-            return [self._with_neighbors(o, units.n, nbr) for o in order]
-        idx = score.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, topk]
-        return idx.tolist()
+            plan = [idx[i] for i in range(len(blocks))]
+        else:
+            score = per_head.amax(dim=1) if self.params.get("head_reduce") == "max" else per_head.sum(dim=1)  # [nb, U]
+            nbr = int(self.params.get("neighbor_units") or 0)
+            if nbr:
+                order = score.argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
+                plan = [self._with_neighbors(o, units.n, nbr) for o in order]
+            else:
+                plan = score.topk(self.topk, dim=-1).indices.sort(dim=-1).values.tolist()  # [nb, topk]
+        if self.observer is not None:
+            self.observer("lookup", state["layer"], query=qm[0], scores=per_head, selection=list(plan), first=st,
+                          n_queries=L)
+        return plan
 
     @staticmethod
     def unit_scores(qm: torch.Tensor, units: UnitStore) -> torch.Tensor:
@@ -267,7 +282,10 @@ class InfLLM(ContextMethod):
         while rem_len - self.block_size >= self.n_local:
             s = rem.start
             k, v = rem.kv(s, s + self.block_size)
-            units.add(k, v, self._representative(k, rem.scores(s, s + self.block_size)))
+            score = rem.scores(s, s + self.block_size)
+            if self.observer is not None:
+                self.observer("unit", state["layer"], keys=k, scores=score)
+            units.add(k, v, self._representative(k, score))
             rem.drop_before(s + self.block_size)
             rem_len -= self.block_size
 

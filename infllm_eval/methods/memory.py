@@ -50,7 +50,7 @@ def host_slab(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A long-lived window buffer: on CPU in its own memory map (`host_slab`), so it never sits between the heap's
-    per-chunk temporaries, else a plain tensor. Measured on SmolLM2 InfLLM (runners/memory_probe.py 32768): with
+    per-chunk temporaries, else a plain tensor. Measured on SmolLM2 InfLLM (probes/memory_probe.py 32768): with
     the 30 layers' windows in the heap, memory beyond the stored K/V grew 252 -> 327 MB from the first 8K chunk to
     the second; in maps it stays flat (353, 349, 345, 341)."""
     return host_slab(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
@@ -198,7 +198,7 @@ class UnitStore:
             sv[i].copy_(v, non_blocking=True)
         if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit. On CPU a memory map (`_buffer`): its unwritten
             # tail is not resident and the old one goes back to the OS, where heap tensors left their unused tail and
-            # the freed old one behind (runners/memory_probe.py 65536 topk=16: workspace +29 MB at 49K tokens)
+            # the freed old one behind (probes/memory_probe.py 65536 topk=16: workspace +29 MB at 49K tokens)
             new = _buffer((self.n + max(16, self.n // 2), *self._repr.shape[1:]), self._repr.dtype, self._repr.device)
             new[: self.n] = self._repr
             self._repr = new

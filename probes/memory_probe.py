@@ -1,8 +1,8 @@
 """Per prefill chunk: throughput, host memory beyond the stored K/V, and glibc's heap, for one method.
 
-    .venv/bin/python runners/memory_probe.py LENGTH [PROFILE_CHUNK] [OVERRIDES...]
-    .venv/bin/python runners/memory_probe.py 65536                  # SmolLM2 + its InfLLM preset
-    .venv/bin/python runners/memory_probe.py 32768 3                # ... and a torch.profiler table of chunk 3
+    .venv/bin/python -m probes.memory_probe LENGTH [PROFILE_CHUNK] [OVERRIDES...]
+    .venv/bin/python -m probes.memory_probe 65536                   # SmolLM2 + its InfLLM preset
+    .venv/bin/python -m probes.memory_probe 32768 3                 # ... and a torch.profiler table of chunk 3
 
 After the same untimed warm-up as `bench`, prefills LENGTH seeded random ids in `chunk_size` chunks and prints
 after each chunk: tokens/s, RSS growth (and its peak during the chunk), stored K/V (`method.kv_bytes`), their difference (the workspace `bench`
@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 
-from infllm_eval.bench import _RssPeak, warm_up
+from infllm_eval.bench import RssPeak, warm_up
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     print(f"{cfg.model.name} {cfg.method.name} {length} tokens, chunk {cs}; MB after each chunk")
     for i, st in enumerate(range(0, length, cs)):
         t = time.perf_counter()
-        with _RssPeak() as peak:
+        with RssPeak() as peak:
             if i == prof_chunk:
                 from torch.profiler import ProfilerActivity, profile
 

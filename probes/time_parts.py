@@ -1,7 +1,7 @@
 """Where one prefill's time goes, by wall-clock timers around the method's parts (no profiler).
 
-    .venv/bin/python runners/time_parts.py LENGTH [OVERRIDES...]
-    .venv/bin/python runners/time_parts.py 8192                    # SmolLM2 + its InfLLM preset
+    .venv/bin/python -m probes.time_parts LENGTH [OVERRIDES...]
+    .venv/bin/python -m probes.time_parts 8192                     # SmolLM2 + its InfLLM preset
 
 torch.profiler slows a CPU prefill by ~1.5x and charges part of that to small ops (on SmolLM2 InfLLM at 8K it
 lists aten::cat at ~8 % of self CPU time; timed here, every torch.cat on the path takes ~1 %). This wraps a few
@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
@@ -29,17 +30,14 @@ ORDER = ["attention (attend)", "  joint softmax (multi_stage_attention)", "    f
          "  unit lookup (_plan_topk)", "  unit gather", "  unit writes (UnitStore.add)"]
 
 
-def measure(cfg, length: int) -> tuple[float, dict[str, tuple[int, float]]]:
-    """Prefill `length` seeded random ids with the method of the composed config `cfg`, timers in place; returns
-    (seconds, {part: (calls, seconds)}). The timers are removed again before returning."""
-    import infllm_eval.methods.infllm as infllm_mod
+@contextmanager
+def timers(method):
+    """Wall-clock timers around the parts in ORDER (those the method's code has) while the block runs; yields
+    {part: [calls, seconds]}. Every patched attribute is put back on exit, also after an error."""
     import infllm_eval.methods.kernels as kernels
     from infllm_eval.methods.memory import UnitStore
     from infllm_eval.rope import Rope
 
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    method = make_method(cfg.method)
-    eng = Engine(lm.model, method, lm.device, lm.dtype)
     stats: dict[str, list] = defaultdict(lambda: [0, 0.0])
 
     def timed(label, fn):
@@ -54,18 +52,35 @@ def measure(cfg, length: int) -> tuple[float, dict[str, tuple[int, float]]]:
         return wrapper
 
     cls = type(method)
-    patches = [(cls, "attend", ORDER[0], False), (infllm_mod, "multi_stage_attention", ORDER[1], False),
+    module = sys.modules[cls.attend.__module__]  # the joint softmax as the module of the method's attend calls it
+    patches = [(cls, "attend", ORDER[0], False), (module, "multi_stage_attention", ORDER[1], False),
                (kernels, "_fused_stage", ORDER[2], False), (Rope, "apply", ORDER[3], True),
                (cls, "_plan_topk", ORDER[4], False), (UnitStore, "gather", ORDER[5], False),
                (UnitStore, "add", ORDER[6], False)]
     saved = []  # (owner, name, its own attribute or None when inherited)
-    for owner, name, label, static in patches:
-        if not hasattr(owner, name):
-            continue
-        saved.append((owner, name, vars(owner).get(name)))
-        fn = timed(label, getattr(owner, name))
-        setattr(owner, name, staticmethod(fn) if static else fn)
     try:
+        for owner, name, label, static in patches:
+            if not hasattr(owner, name):
+                continue
+            saved.append((owner, name, vars(owner).get(name)))
+            fn = timed(label, getattr(owner, name))
+            setattr(owner, name, staticmethod(fn) if static else fn)
+        yield stats
+    finally:
+        for owner, name, orig in reversed(saved):
+            if orig is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
+
+
+def measure(cfg, length: int) -> tuple[float, dict[str, tuple[int, float]]]:
+    """Prefill `length` seeded random ids with the method of the composed config `cfg`, timers in place; returns
+    (seconds, {part: (calls, seconds)}). The timers are removed again before returning."""
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    method = make_method(cfg.method)
+    eng = Engine(lm.model, method, lm.device, lm.dtype)
+    with timers(method) as stats:
         vocab, cs = lm.model.config.vocab_size, int(cfg.chunk_size)
         warm_up(eng, cfg)
         stats.clear()
@@ -75,12 +90,6 @@ def measure(cfg, length: int) -> tuple[float, dict[str, tuple[int, float]]]:
         for st in range(0, length, cs):
             eng.forward(states, ids[:, st : st + cs], st, logits=False)
         total = time.perf_counter() - t
-    finally:
-        for owner, name, orig in saved:
-            if orig is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, orig)
     return total, {k: (int(n), sec) for k, (n, sec) in sorted(stats.items(), key=lambda kv: ORDER.index(kv[0]))}
 
 

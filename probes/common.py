@@ -1,0 +1,34 @@
+"""Pieces the probes share: the passkey sample as `infllm-eval run` builds it, on an InfLLM engine."""
+
+from __future__ import annotations
+
+from infllm_eval.config import compose
+from infllm_eval.engine import Engine
+from infllm_eval.errors import UserError
+from infllm_eval.methods import make_method
+from infllm_eval.methods.infllm import InfLLM
+from infllm_eval.models import load_model, render_chat
+from infllm_eval.tasks import make_task
+
+
+def passkey_sample(argv: list[str], probe: str):
+    """LENGTH DEPTH [INDEX] [OVERRIDES...] -> (cfg, loaded model, sample, engine, the sample's per-token needle
+    units): the passkey sample exactly as `infllm-eval run` builds it, with SmolLM2's InfLLM preset unless
+    overridden, and an engine whose method (InfLLM; `probe` names the caller for the refusal) is bound."""
+    length, depth = int(argv[0]), float(argv[1])
+    index = int(argv[2]) if len(argv) > 2 and "=" not in argv[2] else 0
+    extra = [a for a in argv[2:] if "=" in a]
+    cfg = compose(["method=infllm", "task=passkey", f"task.lengths=[{length}]", f"task.depths=[{depth}]",
+                   f"task.samples={index + 1}", *extra])
+    method = make_method(cfg.method)
+    if not isinstance(method, InfLLM):
+        raise UserError(f"{probe} measures InfLLM's unit lookup, so it takes method=infllm (or an InfLLM preset), "
+                        f"not method={cfg.method.name}.")
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    render = (lambda t: render_chat(lm, t)) if cfg.model.chat_template else (lambda t: t)
+    task = make_task(cfg.task, lm.tokenizer, render, answer_prefix=bool(cfg.model.answer_prefix), seed=cfg.seed)
+    sample = task.build(next(s for s in task.sample_specs() if s["index"] == index))
+    eng = Engine(lm.model, method, lm.device, lm.dtype)  # binds the method: its n_init, block_size, topk, ...
+    at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
+    unit_of = [(t - method.n_init) // method.block_size for t in range(at, at + n) if t >= method.n_init]
+    return cfg, lm, sample, eng, unit_of
