@@ -63,7 +63,7 @@ def make(
     task: str = typer.Argument(..., help="passkey | number_string | kv_retrieval (∞-Bench recipes)"),
     lengths: str = typer.Option(..., "--lengths", help="comma-separated prompt lengths in tokens, e.g. 4096,131072"),
     depths: str | None = typer.Option(None, "--depths", help="comma-separated needle depths in [0, 1] "
-                                                                "(default: conf/task/passkey.yaml's)"),
+                                                                "(default: tasks/passkey.yaml's run:)"),
     samples: int | None = typer.Option(None, "--samples", help="rows per length x depth (default: passkey's)"),
     model: str | None = typer.Option(None, "--model", help="whose tokenizer sizes the rows (default: conf's)"),
     seed: int | None = typer.Option(None, "--seed", help="default: conf's seed"),

@@ -153,7 +153,7 @@ def test_include_merges_and_refuses_cycles(tmp_path, monkeypatch):
     (tmp_path / "_base.yaml").write_text("builder: benchmark\nprofiles:\n  infllm: {template: a, max_new_tokens: 3}\n")
     (tmp_path / "child.yaml").write_text("include: _base.yaml\nprofiles:\n  infllm: {max_new_tokens: 5}\n")
     (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
-    monkeypatch.setattr(tasks, "tasks_dir", lambda: tmp_path)
+    monkeypatch.setattr(tasks, "tasks_dirs", lambda: [tmp_path])
     assert tasks.load_definition("child") == {
         "builder": "benchmark", "profiles": {"infllm": {"template": "a", "max_new_tokens": 5}}}
     assert tasks.definition_names() == ["child", "loop"]
@@ -233,3 +233,14 @@ def test_cli_sweep_over_both_benchmarks_from_one_data_dir(tmp_path):
         assert len(records) == 2 and {r["status"] for r in records} == {"ok"}
         assert {r["length"] for r in records} == lengths
         assert (tmp_path / "tiny-llama" / "full" / task / "summary.csv").is_file()
+
+
+def test_task_builders_register_themselves_and_an_unknown_one_gets_a_suggestion():
+    from infllm_eval.tasks import TASK_BUILDERS
+    from infllm_eval.tasks.benchmark import BenchmarkTask
+    from infllm_eval.tasks.passkey import PasskeyTask
+
+    assert TASK_BUILDERS.names() == ["benchmark", "passkey"]
+    assert TASK_BUILDERS.get("passkey") is PasskeyTask and TASK_BUILDERS.get("benchmark") is BenchmarkTask
+    with pytest.raises(UserError, match="Did you mean 'passkey'"):
+        TASK_BUILDERS.get("paskey")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError, unknown_name
-from infllm_eval.tasks import data
+from infllm_eval.tasks import TASK_BUILDERS, data
 from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 from infllm_eval.tasks.truncation import check_policy, truncate
 
@@ -89,6 +89,7 @@ RECIPES: dict[str, Callable[[dict, dict, dict], None]] = {
 }
 
 
+@TASK_BUILDERS.register("benchmark")
 class BenchmarkTask:
     """One ∞-Bench or LongBench task (see the module docstring)."""
 

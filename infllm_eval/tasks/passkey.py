@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError, unknown_name
+from infllm_eval.tasks import TASK_BUILDERS
 from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 
 #: Stand-in for the context while the prompt skeleton goes through the chat template.
@@ -57,6 +58,7 @@ class _Pieces:
     tail_ids: list[int]
 
 
+@TASK_BUILDERS.register("passkey")
 class PasskeyTask:
     """∞-Bench passkey retrieval at exact token lengths (see the module docstring for the recipe)."""
 
