@@ -45,8 +45,8 @@ def fixture_dir(name: str) -> str:
 
 
 def build_task(name: str, tok, render=lambda s: s, answer_prefix=False, **cfg):
-    task_cfg = {"name": name, "definition": name, "profile": "infllm", "data_dir": fixture_dir(name),
-                "truncation": "none", "max_length": None, **cfg}
+    task_cfg = {"name": name, "definition": name, "profile": "infllm", "data_dir": fixture_dir(name), "limit": None,
+                "truncation": "none", "max_length": None, "max_new_tokens": None, **cfg}
     return make_task(task_cfg, tok, render, answer_prefix=answer_prefix, seed=0)
 
 
@@ -172,6 +172,29 @@ def test_definitions_leave_out_the_task_file_keys():
     definition, so they stay out of it (finished runs keep their content keys)."""
     for name in definition_names():
         assert not {"description", "run", "include"} & set(load_definition(name)), name
+
+
+@pytest.mark.parametrize("key", ["chat_template", "head_tail_init_tokens", "default_profile", "metric"])
+def test_a_missing_definition_key_fails_loudly_instead_of_taking_a_default(tok, key, monkeypatch):
+    """Defaults live in the task files (`_longbench.yaml`, `_infbench.yaml`), never in code."""
+    from infllm_eval import tasks
+
+    definition = load_definition("longbench_trec")
+    del definition[key]
+    monkeypatch.setattr(tasks, "load_definition", lambda name: definition)
+    with pytest.raises(KeyError, match=key):
+        build_task("longbench_trec", tok, profile=None)
+
+
+@pytest.mark.parametrize("key", ["profile", "truncation", "limit", "data_dir", "max_new_tokens"])
+def test_a_missing_run_key_fails_loudly(tok, key):
+    cfg = {"name": "longbench_trec", "definition": "longbench_trec", "profile": "infllm",
+           "data_dir": fixture_dir("longbench_trec"), "limit": None, "truncation": "none", "max_length": None,
+           "max_new_tokens": None}
+    make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)  # complete: builds
+    del cfg[key]
+    with pytest.raises(KeyError, match=key):
+        make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)
 
 
 TREC_FINGERPRINT = "16199a5e7746cabb08ba657f4c88541a7f4cf1230a37a34e80b98535fa93331e"

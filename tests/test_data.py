@@ -96,7 +96,7 @@ def test_synthetic_rows_run_as_the_infbench_task(tok, tmp_path):
     rows = make_rows("kv_retrieval", tok, [900, 1800], [0.0, 1.0], 1, 0)
     (tmp_path / "kv_retrieval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = {"name": "infbench_kv_retrieval", "definition": "infbench_kv_retrieval", "profile": "infllm",
-           "data_dir": str(tmp_path), "truncation": "none", "max_length": None}
+           "data_dir": str(tmp_path), "limit": None, "truncation": "none", "max_length": None, "max_new_tokens": None}
     task = make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)
     specs = task.sample_specs()
     assert [(s["length"], s["depth"]) for s in specs] == [(900, 0.0), (900, 1.0), (1800, 0.0), (1800, 1.0)]

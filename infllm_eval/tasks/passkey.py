@@ -72,7 +72,7 @@ class PasskeyTask:
         answer_prefix: bool,
         seed: int,
     ) -> None:
-        self.name: str = str(task_cfg.get("name") or "passkey")
+        self.name: str = str(task_cfg["name"])
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.use_answer_prefix = bool(answer_prefix)
@@ -80,18 +80,18 @@ class PasskeyTask:
         self.filler: str = definition["filler"]
         self.needle: str = definition["needle"]
         self.question: str = definition["question"]
-        self.answer_prefix: str = definition.get("answer_prefix") or ""
-        self.key_digits: int = int(definition.get("key_digits", 5))
-        self.key_duplications: int = int(definition.get("key_duplications", 0))
-        self.metric: str = definition.get("metric", "first_int_match")
+        self.answer_prefix: str = definition["answer_prefix"]
+        self.key_digits: int = int(definition["key_digits"])
+        self.key_duplications: int = int(definition["key_duplications"])
+        self.metric: str = definition["metric"]
 
-        self.profile, profile = pick_profile(definition, task_cfg.get("profile"))
+        self.profile, profile = pick_profile(definition, task_cfg["profile"])
         self.template: str = profile["template"]
-        self.max_new_tokens: int = max_new_tokens(task_cfg.get("max_new_tokens"), profile)
+        self.max_new_tokens: int = max_new_tokens(task_cfg["max_new_tokens"], profile)
 
-        self.lengths = _validate_lengths(task_cfg.get("lengths"))
-        self.depths = _validate_depths(task_cfg.get("depths"))
-        self.samples = _validate_samples(task_cfg.get("samples", 1))
+        self.lengths = _validate_lengths(task_cfg["lengths"])
+        self.depths = _validate_depths(task_cfg["depths"])
+        self.samples = _validate_samples(task_cfg["samples"])
         self._specs = self._make_specs()
 
         self._pieces = self._tokenize_pieces(render)
