@@ -244,3 +244,31 @@ def test_task_builders_register_themselves_and_an_unknown_one_gets_a_suggestion(
     assert TASK_BUILDERS.get("passkey") is PasskeyTask and TASK_BUILDERS.get("benchmark") is BenchmarkTask
     with pytest.raises(UserError, match="Did you mean 'passkey'"):
         TASK_BUILDERS.get("paskey")
+
+
+@pytest.mark.parametrize("task,sha256", [
+    ("passkey", "848dd0d8a4ae64ca0ba6bfbef7d3b6a3910e12b1206696015fcc431fe47b865b"),
+    ("number_string", "edf443982eeba44493a13893ffa17970c1f3422d8f01c5ca9990a3b07ac66e17"),
+])
+def test_synthetic_rows_are_those_of_before_the_recipe_moved_to_the_task_files(tok, task, sha256):
+    import hashlib
+
+    rows = make_rows(task, tok, [300, 700], [0.0, 0.5, 1.0], 2, 7)
+    assert hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest() == sha256
+
+
+def test_synthetic_needle_rows_follow_the_task_file(tok, monkeypatch):
+    """One recipe: `data make passkey` reads tasks/passkey.yaml (needle, question, filler, key length)."""
+    from infllm_eval import tasks
+
+    real = tasks.load_definition
+
+    def edited(name: str) -> dict:
+        d = real(name)
+        return {**d, "needle": "KEY={key}\n", "question": "Key?", "key_digits": 7} if name == "passkey" else d
+
+    monkeypatch.setattr(tasks, "load_definition", edited)
+    (row,) = make_rows("passkey", tok, [400], [0.5], 1, 0)
+    (key,) = row["answer"]
+    assert len(key) == 7 and f"KEY={key}\n" in row["context"] and row["input"] == "Key?"
+    assert row["context"].startswith(real("passkey")["filler"])

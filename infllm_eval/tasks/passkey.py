@@ -166,11 +166,7 @@ class PasskeyTask:
         stable across Python runs and PYTHONHASHSEED), so other samples never shift when the grid grows.
         """
         rng = random.Random(f"{self.seed}-{int(length)}-{float(depth)}-{int(index)}")
-        keys = [str(rng.randint(0, 9)) for _ in range(self.key_digits)]
-        for k in range(self.key_duplications):  # ∞-Bench number_string: repeat a random digit in place
-            pos = rng.randint(0, self.key_digits + k - 1)
-            keys.insert(pos, keys[pos])
-        return "".join(keys)
+        return draw_key(rng, self.key_digits, self.key_duplications)
 
     def _sample_id(self, length: int, depth: float, index: int) -> str:
         return f"{self.name}-L{length}-d{depth:.2f}-{index}"
@@ -314,6 +310,16 @@ class PasskeyTask:
         if joint[: len(base)] == base:
             return joint[len(base) :]
         return self._encode(piece)
+
+
+def draw_key(rng: random.Random, digits: int, duplications: int) -> str:
+    """∞-Bench's key: `digits` times str(randint(0, 9)), then `duplications` times a random digit repeated in place
+    (number_string). The definition's `key_digits` / `key_duplications` say how many."""
+    keys = [str(rng.randint(0, 9)) for _ in range(digits)]
+    for k in range(duplications):
+        pos = rng.randint(0, digits + k - 1)
+        keys.insert(pos, keys[pos])
+    return "".join(keys)
 
 
 # ---- config validation ---------------------------------------------------------------------------------
