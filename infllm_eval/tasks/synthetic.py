@@ -143,15 +143,9 @@ def load_tokenizer(model_cfg: Any) -> Any:
 
         return tiny_tokenizer(int(cfg["tiny"]["vocab_size"]))
     if cfg["source"] == "hub":
-        from transformers import AutoTokenizer
+        from infllm_eval.models import hub_tokenizer
 
-        from infllm_eval.models import _hub_location, _not_cached
-
-        source, kwargs, _ = _hub_location(cfg)
-        try:
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
-        except (OSError, ValueError) as e:
-            raise _not_cached(cfg["id"]) from e
+        return hub_tokenizer(cfg)
     from infllm_eval.models import gguf_cache_dir, gguf_file, load_model
 
     converted = gguf_cache_dir(gguf_file(cfg["gguf_package"]), cfg["id"].split("/")[-1].lower())
