@@ -272,3 +272,17 @@ def test_synthetic_needle_rows_follow_the_task_file(tok, monkeypatch):
     (key,) = row["answer"]
     assert len(key) == 7 and f"KEY={key}\n" in row["context"] and row["input"] == "Key?"
     assert row["context"].startswith(real("passkey")["filler"])
+
+
+def test_the_tokenizer_of_an_uncached_hub_model_is_a_user_error(tmp_path, monkeypatch):
+    """synthetic.load_tokenizer asks models.hub_tokenizer, which names the model and what to do."""
+    from infllm_eval.config import compose
+    from infllm_eval.tasks.synthetic import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = compose(["model=qwen2"]).model
+    with pytest.raises(UserError, match=f"Model '{model.id}' is not in the local Hugging Face cache"):
+        load_tokenizer(model)
+    with pytest.raises(UserError, match="is not a model directory"):
+        load_tokenizer(compose(["model=qwen2", f"model.path={tmp_path}"]).model)
