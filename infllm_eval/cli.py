@@ -95,11 +95,13 @@ def _run_hydra(overrides: list[str]) -> None:
 
     from infllm_eval import cli as this  # noqa: PLW0406 - see below
     from infllm_eval.paths import conf_dir
+    from infllm_eval.tasks.hydra_group import register_task_group
 
     # the job function by its importable name: launchers that pickle it (joblib, submitit) then pickle a
     # reference, also when this file runs as __main__ (`python -m infllm_eval.cli`)
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     entry = main(this._hydra_cell)
+    register_task_group()  # the `task` group (tasks/*.yaml), before Hydra composes the sweep's configs
     argv = sys.argv
     sys.argv = ["infllm-eval", "-m", *_force_keys_of_swept_groups(overrides), *searchpath_overrides()]
     try:

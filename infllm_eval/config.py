@@ -23,9 +23,16 @@ GROUPS = ("model", "method", "task")
 
 def group_options(group: str) -> dict[str, str]:
     """name -> one-line description, read from conf/<group>/*.yaml (and plugin folders' conf/<group>/, see
-    `paths.conf_dirs`) without composing (instant). A name defined twice is refused: Hydra would pick one silently."""
+    `paths.conf_dirs`) without composing (instant); `task` also lists the task files (`tasks.hydra_group`). A name
+    defined twice is refused: Hydra would pick one silently."""
     out: dict[str, str] = {}
     seen: dict[str, Path] = {}
+    if group == "task":
+        from infllm_eval.tasks import task_files
+        from infllm_eval.tasks.hydra_group import task_options
+
+        out.update(task_options())
+        seen.update(task_files())
     for folder in conf_dirs():
         for p in sorted((folder / group).glob("*.yaml")):
             if p.stem in seen:
@@ -59,8 +66,11 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from infllm_eval.tasks.hydra_group import register_task_group
+
     overrides = list(overrides)
     _check_group_names(overrides)
+    register_task_group()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=[*overrides, *searchpath_overrides()])

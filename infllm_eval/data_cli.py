@@ -63,7 +63,7 @@ def make(
     task: str = typer.Argument(..., help="passkey | number_string | kv_retrieval (∞-Bench recipes)"),
     lengths: str = typer.Option(..., "--lengths", help="comma-separated prompt lengths in tokens, e.g. 4096,131072"),
     depths: str | None = typer.Option(None, "--depths", help="comma-separated needle depths in [0, 1] "
-                                                                "(default: conf/task/passkey.yaml's)"),
+                                                                "(default: tasks/passkey.yaml's run:)"),
     samples: int | None = typer.Option(None, "--samples", help="rows per length x depth (default: passkey's)"),
     model: str | None = typer.Option(None, "--model", help="whose tokenizer sizes the rows (default: conf's)"),
     seed: int | None = typer.Option(None, "--seed", help="default: conf's seed"),
@@ -75,10 +75,12 @@ def make(
 
     if task not in GENERATORS:
         raise unknown_name("synthetic task", task, list(GENERATORS))
+    length_values = _numbers(lengths, int, "--lengths")  # bad input fails before a tokenizer loads
+    depth_values = _numbers(depths, float, "--depths") if depths else None
     cfg = compose(["task=passkey", *([f"model={model}"] if model else [])])
     rows = make_rows(
-        task, load_tokenizer(cfg.model), _numbers(lengths, int, "--lengths"),
-        _numbers(depths, float, "--depths") if depths else [float(d) for d in cfg.task.depths],
+        task, load_tokenizer(cfg.model), length_values,
+        depth_values if depth_values is not None else [float(d) for d in cfg.task.depths],
         int(cfg.task.samples if samples is None else samples), int(cfg.seed if seed is None else seed),
     )
     target = Path(out or f"{task}.jsonl").expanduser()

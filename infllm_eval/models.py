@@ -478,6 +478,17 @@ def _not_cached(model_id: str) -> UserError:
     )
 
 
+def hub_tokenizer(cfg: dict) -> Any:
+    """The tokenizer of a `source: hub` model config (model.path or the Hugging Face cache), no weights loaded."""
+    from transformers import AutoTokenizer
+
+    source, kwargs, _ = _hub_location(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_cached(cfg["id"]) from e
+
+
 def _load_hub(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
     """Config first (architecture check), then tokenizer, then safetensors weights in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

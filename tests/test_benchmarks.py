@@ -15,10 +15,10 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from infllm_eval.config import compose
+from infllm_eval.config import compose, group_options
 from infllm_eval.errors import UserError
 from infllm_eval.models import tiny_tokenizer
-from infllm_eval.paths import conf_dir, tasks_dir
+from infllm_eval.paths import tasks_dir
 from infllm_eval.tasks import definition_names, load_definition, make_task
 from infllm_eval.tasks.base import SampleSkipped
 from infllm_eval.tasks.truncation import truncate
@@ -45,8 +45,8 @@ def fixture_dir(name: str) -> str:
 
 
 def build_task(name: str, tok, render=lambda s: s, answer_prefix=False, **cfg):
-    task_cfg = {"name": name, "definition": name, "profile": "infllm", "data_dir": fixture_dir(name),
-                "truncation": "none", "max_length": None, **cfg}
+    task_cfg = {"name": name, "definition": name, "profile": "infllm", "data_dir": fixture_dir(name), "limit": None,
+                "truncation": "none", "max_length": None, "max_new_tokens": None, **cfg}
     return make_task(task_cfg, tok, render, answer_prefix=answer_prefix, seed=0)
 
 
@@ -126,7 +126,7 @@ def test_recipes_fill_key_function_question_options_prefix(tok):
 
 
 # -- the config contract -------------------------------------------------------------------------------------------
-CONF_TASKS = sorted(p.stem for p in (conf_dir() / "task").glob("*.yaml"))
+CONF_TASKS = sorted(group_options("task"))  # what `task=` accepts: the run configs generated from tasks/*.yaml
 
 
 @pytest.mark.parametrize("name", CONF_TASKS)
@@ -143,6 +143,97 @@ def test_every_task_config_composes_and_names_its_definition(name):
 
 def test_every_benchmark_task_has_a_run_config():
     assert set(TASKS) <= set(CONF_TASKS)
+
+
+#: the run config of every benchmark task and of passkey / number_string (the bodies conf/task/*.yaml held)
+BENCHMARK_RUN = {"profile": "infllm", "data_dir": None, "limit": None, "truncation": "none",
+                 "max_length": "${model.max_context}", "max_new_tokens": None}
+SYNTHETIC_RUN = {"profile": "infllm", "lengths": [2048, 4096], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 1,
+                 "max_new_tokens": None}
+
+
+@pytest.mark.parametrize("name", CONF_TASKS)
+def test_the_run_config_is_generated_from_the_task_file(name):
+    from omegaconf import OmegaConf
+
+    from infllm_eval.tasks.hydra_group import run_node
+
+    node = run_node(name)
+    body = SYNTHETIC_RUN if name in ("passkey", "number_string") else BENCHMARK_RUN
+    assert list(node.items()) == [("name", name), ("description", node["description"]), ("definition", name),
+                                  *body.items()]  # keys, values and their order
+    task = compose([f"task={name}", "model=tiny-llama"]).task
+    assert list(task) == list(node) and OmegaConf.to_container(task) == node
+    assert group_options("task")[name] == node["description"]
+
+
+def test_definitions_leave_out_the_task_file_keys():
+    """`description` and `run` describe the task to the CLI and Hydra; the benchmark fingerprint hashes the whole
+    definition, so they stay out of it (finished runs keep their content keys)."""
+    for name in definition_names():
+        assert not {"description", "run", "include"} & set(load_definition(name)), name
+
+
+@pytest.mark.parametrize("key", ["chat_template", "head_tail_init_tokens", "default_profile", "metric"])
+def test_a_missing_definition_key_fails_loudly_instead_of_taking_a_default(tok, key, monkeypatch):
+    """Defaults live in the task files (`_longbench.yaml`, `_infbench.yaml`), never in code."""
+    from infllm_eval import tasks
+
+    definition = load_definition("longbench_trec")
+    del definition[key]
+    monkeypatch.setattr(tasks, "load_definition", lambda name: definition)
+    with pytest.raises(KeyError, match=key):
+        build_task("longbench_trec", tok, profile=None)
+
+
+@pytest.mark.parametrize("key", ["profile", "truncation", "limit", "data_dir", "max_new_tokens"])
+def test_a_missing_run_key_fails_loudly(tok, key):
+    cfg = {"name": "longbench_trec", "definition": "longbench_trec", "profile": "infllm",
+           "data_dir": fixture_dir("longbench_trec"), "limit": None, "truncation": "none", "max_length": None,
+           "max_new_tokens": None}
+    make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)  # complete: builds
+    del cfg[key]
+    with pytest.raises(KeyError, match=key):
+        make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)
+
+
+TREC_FINGERPRINT = "16199a5e7746cabb08ba657f4c88541a7f4cf1230a37a34e80b98535fa93331e"
+KV_FINGERPRINT = "c0591b4807d6d4bfdf14b465cbc37b450be1528a2f46861b328196489b55e8d0"
+
+
+def test_fingerprints_of_finished_runs_are_unchanged(tok):
+    """Content keys computed before the task files held their run configs (results resume)."""
+    assert build_task("longbench_trec", tok).data_fingerprint() == TREC_FINGERPRINT
+    assert build_task("infbench_kv_retrieval", tok, profile="official").data_fingerprint() == KV_FINGERPRINT
+
+
+def test_a_plugin_folder_task_file_is_a_task(tmp_path, monkeypatch):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "my_trec.yaml").write_text('description: "TREC, my way"\ninclude: longbench_trec.yaml\nrun: {limit: 2}\n')
+    (folder / "_my_base.yaml").write_text("run: {limit: 3}\n")
+    monkeypatch.setenv("INFLLM_EVAL_PATH", str(tmp_path))
+    task = compose(["task=my_trec", "model=tiny-llama"]).task
+    assert (task.name, task.definition, task.description, task.limit) == ("my_trec", "my_trec", "TREC, my way", 2)
+    assert task.truncation == "none" and load_definition("my_trec") == load_definition("longbench_trec")
+    assert "my_trec" in group_options("task") and "_my_base" not in group_options("task")
+    with pytest.raises(UserError, match="Did you mean 'my_trec'"):
+        compose(["task=my_trek"])
+    (folder / "longbench_trec.yaml").write_text('description: "again"\ninclude: longbench_trec.yaml\n')
+    with pytest.raises(UserError, match="task 'longbench_trec' is defined twice"):
+        compose(["task=longbench_trec"])
+
+
+def test_a_task_file_without_run_or_description_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "no_run.yaml").write_text('description: "no run"\nbuilder: benchmark\n')
+    monkeypatch.setenv("INFLLM_EVAL_PATH", str(tmp_path))
+    with pytest.raises(UserError, match="Task 'no_run' has no 'run:' section"):
+        group_options("task")
+    (folder / "no_run.yaml").write_text("include: longbench_trec.yaml\n")
+    with pytest.raises(UserError, match="Task 'no_run' has no 'description:'"):
+        group_options("task")
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -96,7 +96,7 @@ def test_synthetic_rows_run_as_the_infbench_task(tok, tmp_path):
     rows = make_rows("kv_retrieval", tok, [900, 1800], [0.0, 1.0], 1, 0)
     (tmp_path / "kv_retrieval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = {"name": "infbench_kv_retrieval", "definition": "infbench_kv_retrieval", "profile": "infllm",
-           "data_dir": str(tmp_path), "truncation": "none", "max_length": None}
+           "data_dir": str(tmp_path), "limit": None, "truncation": "none", "max_length": None, "max_new_tokens": None}
     task = make_task(cfg, tok, lambda s: s, answer_prefix=False, seed=0)
     specs = task.sample_specs()
     assert [(s["length"], s["depth"]) for s in specs] == [(900, 0.0), (900, 1.0), (1800, 0.0), (1800, 1.0)]
@@ -153,7 +153,7 @@ def test_include_merges_and_refuses_cycles(tmp_path, monkeypatch):
     (tmp_path / "_base.yaml").write_text("builder: benchmark\nprofiles:\n  infllm: {template: a, max_new_tokens: 3}\n")
     (tmp_path / "child.yaml").write_text("include: _base.yaml\nprofiles:\n  infllm: {max_new_tokens: 5}\n")
     (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
-    monkeypatch.setattr(tasks, "tasks_dir", lambda: tmp_path)
+    monkeypatch.setattr(tasks, "tasks_dirs", lambda: [tmp_path])
     assert tasks.load_definition("child") == {
         "builder": "benchmark", "profiles": {"infllm": {"template": "a", "max_new_tokens": 5}}}
     assert tasks.definition_names() == ["child", "loop"]
@@ -233,3 +233,56 @@ def test_cli_sweep_over_both_benchmarks_from_one_data_dir(tmp_path):
         assert len(records) == 2 and {r["status"] for r in records} == {"ok"}
         assert {r["length"] for r in records} == lengths
         assert (tmp_path / "tiny-llama" / "full" / task / "summary.csv").is_file()
+
+
+def test_task_builders_register_themselves_and_an_unknown_one_gets_a_suggestion():
+    from infllm_eval.tasks import TASK_BUILDERS
+    from infllm_eval.tasks.benchmark import BenchmarkTask
+    from infllm_eval.tasks.passkey import PasskeyTask
+
+    assert TASK_BUILDERS.names() == ["benchmark", "passkey"]
+    assert TASK_BUILDERS.get("passkey") is PasskeyTask and TASK_BUILDERS.get("benchmark") is BenchmarkTask
+    with pytest.raises(UserError, match="Did you mean 'passkey'"):
+        TASK_BUILDERS.get("paskey")
+
+
+@pytest.mark.parametrize("task,sha256", [
+    ("passkey", "848dd0d8a4ae64ca0ba6bfbef7d3b6a3910e12b1206696015fcc431fe47b865b"),
+    ("number_string", "edf443982eeba44493a13893ffa17970c1f3422d8f01c5ca9990a3b07ac66e17"),
+])
+def test_synthetic_rows_are_those_of_before_the_recipe_moved_to_the_task_files(tok, task, sha256):
+    import hashlib
+
+    rows = make_rows(task, tok, [300, 700], [0.0, 0.5, 1.0], 2, 7)
+    assert hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest() == sha256
+
+
+def test_synthetic_needle_rows_follow_the_task_file(tok, monkeypatch):
+    """One recipe: `data make passkey` reads tasks/passkey.yaml (needle, question, filler, key length)."""
+    from infllm_eval import tasks
+
+    real = tasks.load_definition
+
+    def edited(name: str) -> dict:
+        d = real(name)
+        return {**d, "needle": "KEY={key}\n", "question": "Key?", "key_digits": 7} if name == "passkey" else d
+
+    monkeypatch.setattr(tasks, "load_definition", edited)
+    (row,) = make_rows("passkey", tok, [400], [0.5], 1, 0)
+    (key,) = row["answer"]
+    assert len(key) == 7 and f"KEY={key}\n" in row["context"] and row["input"] == "Key?"
+    assert row["context"].startswith(real("passkey")["filler"])
+
+
+def test_the_tokenizer_of_an_uncached_hub_model_is_a_user_error(tmp_path, monkeypatch):
+    """synthetic.load_tokenizer asks models.hub_tokenizer, which names the model and what to do."""
+    from infllm_eval.config import compose
+    from infllm_eval.tasks.synthetic import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model = compose(["model=qwen2"]).model
+    with pytest.raises(UserError, match=f"Model '{model.id}' is not in the local Hugging Face cache"):
+        load_tokenizer(model)
+    with pytest.raises(UserError, match="is not a model directory"):
+        load_tokenizer(compose(["model=qwen2", f"model.path={tmp_path}"]).model)

@@ -321,7 +321,8 @@ def test_fingerprint_stable_and_sensitive(bpe: Any) -> None:
     }
     definition = load_definition("passkey")
     definition["profiles"]["infllm"]["template"] = "Find the key.\n\n{context}\n\n{input}"
-    cfg = {"name": "passkey", "lengths": [300], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 1}
+    cfg = {"name": "passkey", "profile": "infllm", "lengths": [300], "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
+           "samples": 1, "max_new_tokens": None}
     other_template = PasskeyTask(cfg, definition, bpe, identity, answer_prefix=False, seed=0)
     changed["template"] = other_template.data_fingerprint()
     for what, fp in changed.items():
@@ -329,3 +330,17 @@ def test_fingerprint_stable_and_sensitive(bpe: Any) -> None:
     assert len(set(changed.values())) == len(changed)
     # the grid selects samples without changing them: a larger grid keeps the fingerprint (and so reuses results)
     assert make(bpe, lengths=[300, 600], depths=[0.5], samples=2).data_fingerprint() == base
+
+
+@pytest.mark.parametrize("where,key", [
+    ("definition", "key_digits"), ("definition", "key_duplications"), ("definition", "default_profile"),
+    ("definition", "metric"), ("task", "samples"), ("task", "profile"), ("task", "name"),
+])
+def test_a_missing_setting_fails_loudly_instead_of_taking_a_default(bpe, where, key):
+    """Defaults live in tasks/passkey.yaml (definition and run:), never in code."""
+    definition = load_definition("passkey")
+    cfg = {"name": "passkey", "profile": None, "lengths": [300], "depths": [0.5], "samples": 1, "max_new_tokens": None}
+    PasskeyTask(cfg, definition, bpe, identity, answer_prefix=False, seed=0)  # complete: builds
+    del (definition if where == "definition" else cfg)[key]
+    with pytest.raises(KeyError, match=key):
+        PasskeyTask(cfg, definition, bpe, identity, answer_prefix=False, seed=0)

@@ -1,26 +1,52 @@
-"""Task registry: a task definition (tasks/<definition>.yaml) names a builder, imported lazily."""
+"""Task files and builders: a task is one file, tasks/<name>.yaml (also in plugin folders, `paths.tasks_dirs`).
+
+The file holds the task's definition (what the builder reads: prompts, profiles, metric, `builder:`), its
+`description:` and its `run:` section, the run config `task=<name>` composes (`infllm_eval.tasks.hydra_group`).
+Files starting with "_" are shared bases that task files `include:`. The builder classes register themselves in
+TASK_BUILDERS and are imported on the first lookup.
+"""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from infllm_eval.errors import UserError, unknown_name
-from infllm_eval.paths import tasks_dir
-from infllm_eval.tasks.base import Render, Sample, Task
+from infllm_eval.paths import tasks_dirs
+from infllm_eval.registry import Registry
+
+if TYPE_CHECKING:
+    from infllm_eval.tasks.base import Render, Sample, Task
 
 __all__ = [
-    "TASK_BUILDERS", "Render", "Sample", "Task", "as_plain_dict", "definition_names", "load_definition", "make_task",
+    "TASK_BUILDERS", "Render", "Sample", "Task", "as_plain_dict", "definition_names", "load_definition",
+    "load_task_file", "make_task", "read_task_file", "task_files",
 ]
 
-#: builder name (the definition yaml's `builder:` key) -> "module:Class", imported only when used.
-TASK_BUILDERS: dict[str, str] = {
-    "passkey": "infllm_eval.tasks.passkey:PasskeyTask",
-    "benchmark": "infllm_eval.tasks.benchmark:BenchmarkTask",
-}
+#: builder name (the definition's `builder:` key) -> task class; the classes register with
+#: `@TASK_BUILDERS.register("name")`, their modules are imported on the first lookup.
+TASK_BUILDERS: Registry[type] = Registry(
+    "task builder", modules=("infllm_eval.tasks.passkey", "infllm_eval.tasks.benchmark"))
+
+#: Keys of a task file that describe the task to the CLI and Hydra, not to its builder (and so stay out of the
+#: definition, which the benchmark fingerprint hashes whole).
+TASK_FILE_KEYS = ("description", "run")
+
+#: A YAML loader: libyaml's when present (the same documents, about 10x faster: `ls tasks` reads every file).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def __getattr__(name: str) -> Any:
+    """`Render`, `Sample`, `Task` from tasks.base on first use, so reading task files does not import torch."""
+    if name in ("Render", "Sample", "Task"):
+        from infllm_eval.tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Inheritance depth limit for `include:` chains (a cycle is an error long before this).
 _MAX_INCLUDE_DEPTH = 8
@@ -40,28 +66,46 @@ def as_plain_dict(cfg: Any) -> dict:
     return dict(vars(cfg))
 
 
+def task_files() -> dict[str, Path]:
+    """name -> file of every task in tasks/ and the plugin folders' tasks/ (files starting with "_" are shared
+    bases, not tasks). A name defined twice is refused: which one runs would depend on INFLLM_EVAL_PATH's order."""
+    files: dict[str, Path] = {}
+    for folder in tasks_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem.startswith("_"):
+                continue
+            if path.stem in files:
+                raise UserError(f"task '{path.stem}' is defined twice ({files[path.stem]} and {path}); rename one.")
+            files[path.stem] = path
+    return files
+
+
 def definition_names() -> list[str]:
-    """Names of the task definitions in tasks/ (files starting with "_" are shared bases, not tasks)."""
-    return sorted(p.stem for p in tasks_dir().glob("*.yaml") if not p.stem.startswith("_"))
+    """Names of the tasks (see `task_files`), sorted."""
+    return sorted(task_files())
+
+
+def load_task_file(name: str) -> dict:
+    """tasks/<name>.yaml with its `include:` chain merged (the including file's keys win), `description` and `run`
+    included. `include: _longbench.yaml` pulls in a shared base; mappings merge key by key, everything else is
+    replaced. An unknown name is a UserError listing the available tasks."""
+    files = task_files()
+    if name not in files:
+        raise unknown_name("task definition", name, sorted(files))
+    return _load_with_includes(files[name], depth=0)
 
 
 def load_definition(name: str) -> dict:
-    """Read tasks/<name>.yaml with its `include:` chain merged (the including file's keys win).
-
-    `include: _longbench.yaml` pulls in a shared base; mappings merge key by key, everything else is
-    replaced. An unknown name is a UserError listing the available definitions.
-    """
-    folder = tasks_dir()
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        raise unknown_name("task definition", name, definition_names())
-    return _load_with_includes(path, depth=0)
+    """The definition of task `name` (what its builder reads): its merged file without TASK_FILE_KEYS."""
+    data = load_task_file(name)
+    return {key: value for key, value in data.items() if key not in TASK_FILE_KEYS}
 
 
-def _read_yaml(path) -> dict:
+def read_task_file(path: Path) -> dict:
+    """One task file as written (no includes merged)."""
     with path.open(encoding="utf-8") as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_LOADER)  # noqa: S506 - a safe loader
         except yaml.YAMLError as e:
             raise UserError(f"Task definition {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from e
     if not isinstance(data, dict):
@@ -69,17 +113,23 @@ def _read_yaml(path) -> dict:
     return data
 
 
-def _load_with_includes(path, depth: int) -> dict:
+def _load_with_includes(path: Path, depth: int) -> dict:
     if depth > _MAX_INCLUDE_DEPTH:
         raise UserError(f"Task definition {path} has an include chain deeper than {_MAX_INCLUDE_DEPTH} (a cycle?).")
-    data = _read_yaml(path)
+    data = read_task_file(path)
     parent = data.pop("include", None)
     if not parent:
         return data
-    parent_path = path.parent / str(parent)
-    if not parent_path.is_file():
-        raise UserError(f"Task definition {path} includes '{parent}', which is not a file in {path.parent}.")
-    return _merge(_load_with_includes(parent_path, depth + 1), data)
+    return _merge(_load_with_includes(_include_path(path, str(parent)), depth + 1), data)
+
+
+def _include_path(path: Path, parent: str) -> Path:
+    """The included file: next to the including one, else in tasks/ or a plugin folder's tasks/ (so a plugin's
+    task can `include: _longbench.yaml`)."""
+    for folder in (path.parent, *tasks_dirs()):
+        if (folder / parent).is_file():
+            return folder / parent
+    raise UserError(f"Task definition {path} includes '{parent}', which is not a file in {path.parent}.")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -92,26 +142,17 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _builder_class(builder: str) -> type:
-    if builder not in TASK_BUILDERS:
-        raise unknown_name("task builder", builder, list(TASK_BUILDERS))
-    module_name, _, class_name = TASK_BUILDERS[builder].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
 def make_task(task_cfg: Any, tokenizer: Any, render: Render, *, answer_prefix: bool, seed: int) -> Task:
-    """Build the task named by the run config (`conf/task/*.yaml`) from its definition yaml.
+    """Build the task of a run config (`cfg.task`, composed from tasks/<name>.yaml's `run:`).
 
-    `task_cfg.definition` picks tasks/<definition>.yaml (defaults to `task_cfg.name`); the yaml's
-    `builder:` key picks the class in TASK_BUILDERS.
+    `task_cfg.definition` picks tasks/<definition>.yaml; the definition's `builder:` key picks the class in
+    TASK_BUILDERS.
     """
     cfg = as_plain_dict(task_cfg)
-    definition_name = cfg.get("definition") or cfg.get("name")
-    if not definition_name:
-        raise UserError("The task config needs a 'definition' (or 'name') naming a file in tasks/.")
-    definition = load_definition(str(definition_name))
+    definition_name = str(cfg["definition"])
+    definition = load_definition(definition_name)
     builder = definition.get("builder")
     if not builder:
         raise UserError(f"Task definition '{definition_name}' has no 'builder:' key; add one.")
-    cls = _builder_class(str(builder))
+    cls = TASK_BUILDERS.get(str(builder))
     return cls(cfg, definition, tokenizer, render, answer_prefix=answer_prefix, seed=seed)

@@ -60,10 +60,10 @@ class SampleSkipped(Exception):
 
 
 def pick_profile(definition: dict, name: Any) -> tuple[str, dict]:
-    """The prompt profile `task.profile` names (else the definition's `default_profile`, else "infllm"):
-    (its name, its settings)."""
-    profiles: dict = definition.get("profiles") or {}
-    chosen = str(name or definition.get("default_profile") or "infllm")
+    """The prompt profile `task.profile` names (null: the definition's `default_profile`): (its name, its
+    settings)."""
+    profiles: dict = definition["profiles"]
+    chosen = str(name or definition["default_profile"])
     if chosen not in profiles:
         raise unknown_name("task.profile", chosen, list(profiles))
     return chosen, profiles[chosen]

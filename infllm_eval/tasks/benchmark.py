@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError, unknown_name
-from infllm_eval.tasks import data
+from infllm_eval.tasks import TASK_BUILDERS, data
 from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 from infllm_eval.tasks.truncation import check_policy, truncate
 
@@ -76,7 +76,7 @@ def _math_find(row: dict, inst: dict, profile: dict) -> None:
     if not found:
         raise ValueError("input", f"does not match {rule['pattern']!r} (∞-Bench math_find)")
     target = found[0].lower()
-    target = target[: len(target) - int(rule.get("cut", 0))]
+    target = target[: len(target) - int(rule["cut"])]
     inst["prefix"] = rule["prefix"].format(target=target)
 
 
@@ -89,38 +89,39 @@ RECIPES: dict[str, Callable[[dict, dict, dict], None]] = {
 }
 
 
+@TASK_BUILDERS.register("benchmark")
 class BenchmarkTask:
     """One ∞-Bench or LongBench task (see the module docstring)."""
 
     def __init__(
         self, task_cfg: dict, definition: dict, tokenizer: Any, render: Render, *, answer_prefix: bool, seed: int
     ) -> None:
-        self.name: str = str(task_cfg.get("name") or definition["dataset"])
+        self.name: str = str(task_cfg["name"])
         self.definition = definition
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.metric: str = definition["metric"]
-        self.profile, profile = pick_profile(definition, task_cfg.get("profile"))
+        self.profile, profile = pick_profile(definition, task_cfg["profile"])
         self._profile = profile
         self.template: str = profile["template"]
-        self.max_new_tokens = max_new_tokens(task_cfg.get("max_new_tokens"), profile)
-        self.truncation = check_policy(task_cfg.get("truncation") or "none")
-        self.max_length = _optional_positive(task_cfg.get("max_length"), "task.max_length")
-        self.head_tokens = int(definition.get("head_tail_init_tokens", 128))
+        self.max_new_tokens = max_new_tokens(task_cfg["max_new_tokens"], profile)
+        self.truncation = check_policy(task_cfg["truncation"])
+        self.max_length = _optional_positive(task_cfg["max_length"], "task.max_length")
+        self.head_tokens = int(definition["head_tail_init_tokens"])
         if self.truncation != "none" and self.max_length is None:
             raise UserError(f"task.truncation={self.truncation} needs task.max_length (the model's window in tokens).")
         if self.truncation != "none" and self.max_length <= self.max_new_tokens:
             raise UserError(f"task.max_length ({self.max_length}) must exceed the {self.max_new_tokens} new tokens of "
                             f"{self.name}, or nothing of the prompt fits; raise it or lower task.max_new_tokens.")
-        self.limit = _optional_positive(task_cfg.get("limit"), "task.limit")
-        self.render: Render = render if definition.get("chat_template", True) else (lambda text: text)
+        self.limit = _optional_positive(task_cfg["limit"], "task.limit")
+        self.render: Render = render if definition["chat_template"] else (lambda text: text)
         self.answer_prefix: str = (definition.get("answer_prefix") or "") if answer_prefix else ""
         self.extra_stop_token_ids = [
             int(tokenizer.encode(s, add_special_tokens=False)[-1]) for s in definition.get("extra_stop") or []
         ]
         self.recipes = [RECIPES[r] if r in RECIPES else _unknown_recipe(r) for r in definition.get("recipes") or []]
 
-        loaded = data.load_rows(definition, task_cfg.get("data_dir"))
+        loaded = data.load_rows(definition, task_cfg["data_dir"])
         self.origin, self.data_sha256 = loaded.origin, loaded.sha256
         rows = loaded.rows[: self.limit] if self.limit else loaded.rows
         self._instances = [self._instance(row) for row in rows]  # every row checked before any model work

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError, unknown_name
+from infllm_eval.tasks import TASK_BUILDERS
 from infllm_eval.tasks.base import Render, Sample, max_new_tokens, pick_profile
 
 #: Stand-in for the context while the prompt skeleton goes through the chat template.
@@ -57,6 +58,7 @@ class _Pieces:
     tail_ids: list[int]
 
 
+@TASK_BUILDERS.register("passkey")
 class PasskeyTask:
     """∞-Bench passkey retrieval at exact token lengths (see the module docstring for the recipe)."""
 
@@ -70,7 +72,7 @@ class PasskeyTask:
         answer_prefix: bool,
         seed: int,
     ) -> None:
-        self.name: str = str(task_cfg.get("name") or "passkey")
+        self.name: str = str(task_cfg["name"])
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.use_answer_prefix = bool(answer_prefix)
@@ -78,18 +80,18 @@ class PasskeyTask:
         self.filler: str = definition["filler"]
         self.needle: str = definition["needle"]
         self.question: str = definition["question"]
-        self.answer_prefix: str = definition.get("answer_prefix") or ""
-        self.key_digits: int = int(definition.get("key_digits", 5))
-        self.key_duplications: int = int(definition.get("key_duplications", 0))
-        self.metric: str = definition.get("metric", "first_int_match")
+        self.answer_prefix: str = definition["answer_prefix"]
+        self.key_digits: int = int(definition["key_digits"])
+        self.key_duplications: int = int(definition["key_duplications"])
+        self.metric: str = definition["metric"]
 
-        self.profile, profile = pick_profile(definition, task_cfg.get("profile"))
+        self.profile, profile = pick_profile(definition, task_cfg["profile"])
         self.template: str = profile["template"]
-        self.max_new_tokens: int = max_new_tokens(task_cfg.get("max_new_tokens"), profile)
+        self.max_new_tokens: int = max_new_tokens(task_cfg["max_new_tokens"], profile)
 
-        self.lengths = _validate_lengths(task_cfg.get("lengths"))
-        self.depths = _validate_depths(task_cfg.get("depths"))
-        self.samples = _validate_samples(task_cfg.get("samples", 1))
+        self.lengths = _validate_lengths(task_cfg["lengths"])
+        self.depths = _validate_depths(task_cfg["depths"])
+        self.samples = _validate_samples(task_cfg["samples"])
         self._specs = self._make_specs()
 
         self._pieces = self._tokenize_pieces(render)
@@ -164,11 +166,7 @@ class PasskeyTask:
         stable across Python runs and PYTHONHASHSEED), so other samples never shift when the grid grows.
         """
         rng = random.Random(f"{self.seed}-{int(length)}-{float(depth)}-{int(index)}")
-        keys = [str(rng.randint(0, 9)) for _ in range(self.key_digits)]
-        for k in range(self.key_duplications):  # ∞-Bench number_string: repeat a random digit in place
-            pos = rng.randint(0, self.key_digits + k - 1)
-            keys.insert(pos, keys[pos])
-        return "".join(keys)
+        return draw_key(rng, self.key_digits, self.key_duplications)
 
     def _sample_id(self, length: int, depth: float, index: int) -> str:
         return f"{self.name}-L{length}-d{depth:.2f}-{index}"
@@ -312,6 +310,16 @@ class PasskeyTask:
         if joint[: len(base)] == base:
             return joint[len(base) :]
         return self._encode(piece)
+
+
+def draw_key(rng: random.Random, digits: int, duplications: int) -> str:
+    """∞-Bench's key: `digits` times str(randint(0, 9)), then `duplications` times a random digit repeated in place
+    (number_string). The definition's `key_digits` / `key_duplications` say how many."""
+    keys = [str(rng.randint(0, 9)) for _ in range(digits)]
+    for k in range(duplications):
+        pos = rng.randint(0, digits + k - 1)
+        keys.insert(pos, keys[pos])
+    return "".join(keys)
 
 
 # ---- config validation ---------------------------------------------------------------------------------

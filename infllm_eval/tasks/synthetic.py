@@ -2,12 +2,9 @@
 
 The recipes are ∞-Bench's (OpenBMB/InfiniteBench `data/construct_synthetic_dataset.py`):
 
-- passkey: noise line "The grass is green. ... There and back again.\\n", needle "The pass key is {key}. Remember it.
-  {key} is the pass key.\\n", question "What is the pass key?", key = 5 × str(randint(0, 9));
-  context = noise*j + needle + noise*(N-j).
-- number_string: the same with needle "The sequence of digits is {key}. Remember it. {key} is the sequence of
-  digits.\\n", question "What is the sequence of digits?"; key = 5 random digits, then 5 times a random digit of the
-  key is duplicated in place (`keys.insert(pos, keys[pos])`), 10 digits.
+- passkey, number_string: the recipe is data, tasks/passkey.yaml and tasks/number_string.yaml (noise line `filler`,
+  `needle`, `question`, `key_digits`, `key_duplications`; keys drawn by `passkey.draw_key`), the same the
+  exact-length tasks of those names build from; context = noise*j + needle + noise*(N-j).
 - kv_retrieval: "JSON data:\\n{" + '"<uuid>": "<uuid>", '... + "}" (UUID4 keys and values, as the lost-in-the-middle
   KV data), input '\\nKey: "<uuid>"\\nThe value associated with the specified key is: ', answer the value.
 
@@ -29,15 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from infllm_eval.errors import UserError, unknown_name
+from infllm_eval.tasks.passkey import draw_key
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-NEEDLES = {
-    "passkey": ("The pass key is {key}. Remember it. {key} is the pass key.\n", "What is the pass key?"),
-    "number_string": (
-        "The sequence of digits is {key}. Remember it. {key} is the sequence of digits.\n",
-        "What is the sequence of digits?",
-    ),
-}
 KV_INPUT = '\nKey: "{key}"\nThe value associated with the specified key is: '
 GENERATORS = ("passkey", "number_string", "kv_retrieval")
 MAX_LENGTH = 1_048_576
@@ -59,13 +49,16 @@ def make_rows(
 
     template = load_definition(f"infbench_{task}")["profiles"]["infllm"]["template"]
     sizer = _Sizer(tokenizer, template)
+    recipe = None if task == "kv_retrieval" else load_definition(task)  # tasks/passkey.yaml, number_string.yaml
     rows = []
     for length in lengths:
         for depth in depths:
             for index in range(samples):
                 rng = random.Random(f"{seed}-{task}-{int(length)}-{float(depth)}-{index}")
-                make = _kv_row if task == "kv_retrieval" else _needle_row
-                row = make(task, sizer, int(length), float(depth), rng)
+                if recipe is None:
+                    row = _kv_row(sizer, int(length), float(depth), rng)
+                else:
+                    row = _needle_row(recipe, sizer, int(length), float(depth), rng)
                 rows.append({"id": len(rows), **row, "options": [], "length": int(length), "depth": float(depth)})
     return rows
 
@@ -88,27 +81,18 @@ class _Sizer:
         return len(self.ids(left + piece)) - len(self.ids(left))
 
 
-def _key(task: str, rng: random.Random) -> str:
-    keys = [str(rng.randint(0, 9)) for _ in range(5)]
-    if task == "number_string":
-        for k in range(5):
-            pos = rng.randint(0, 5 + k - 1)
-            keys.insert(pos, keys[pos])
-    return "".join(keys)
-
-
-def _needle_row(task: str, sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
-    needle_t, question = NEEDLES[task]
-    key = _key(task, rng)
-    needle = needle_t.format(key=key)
-    noise_ids = sizer.ids(NOISE + NOISE)[len(sizer.ids(NOISE)) :]  # a noise line as it tokenizes mid-text
-    fixed = sizer.prompt_tokens("", question) + sizer.after(NOISE, needle)
+def _needle_row(recipe: dict, sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
+    noise, question = recipe["filler"], recipe["question"]
+    key = draw_key(rng, int(recipe["key_digits"]), int(recipe["key_duplications"]))
+    needle = recipe["needle"].format(key=key)
+    noise_ids = sizer.ids(noise + noise)[len(sizer.ids(noise)) :]  # a noise line as it tokenizes mid-text
+    fixed = sizer.prompt_tokens("", question) + sizer.after(noise, needle)
 
     def build(budget: int) -> tuple[str, int]:
         n_lines, rest = divmod(max(budget, 0), len(noise_ids))
         j = round(depth * n_lines)
         partial = sizer.tok.decode(noise_ids[:rest]) if rest else ""
-        return NOISE * j + needle + NOISE * (n_lines - j) + partial, len(noise_ids) * (n_lines - j) + rest
+        return noise * j + needle + noise * (n_lines - j) + partial, len(noise_ids) * (n_lines - j) + rest
 
     budget = length - fixed
     context, after = build(budget)
@@ -124,7 +108,7 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _kv_row(task: str, sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
+def _kv_row(sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dict:
     probe_key = _uuid(rng)
     fixed = sizer.prompt_tokens("JSON data:\n{}", KV_INPUT.format(key=probe_key), key=f'"{probe_key}"')
     per_pair = max(1, sizer.after('"a": "b", ', f'"{probe_key}": "{_uuid(rng)}", '))
@@ -159,15 +143,9 @@ def load_tokenizer(model_cfg: Any) -> Any:
 
         return tiny_tokenizer(int(cfg["tiny"]["vocab_size"]))
     if cfg["source"] == "hub":
-        from transformers import AutoTokenizer
+        from infllm_eval.models import hub_tokenizer
 
-        from infllm_eval.models import _hub_location, _not_cached
-
-        source, kwargs, _ = _hub_location(cfg)
-        try:
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
-        except (OSError, ValueError) as e:
-            raise _not_cached(cfg["id"]) from e
+        return hub_tokenizer(cfg)
     from infllm_eval.models import gguf_cache_dir, gguf_file, load_model
 
     converted = gguf_cache_dir(gguf_file(cfg["gguf_package"]), cfg["id"].split("/")[-1].lower())
