@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infllm_eval.config import GROUPS, compose, expand_sweep, group_options, resolved_yaml, searchpath_overrides
+from infllm_eval.config import (GROUPS, compose, expand_sweep, group_options, resolved_yaml,
+                                searchpath_overrides, tool_defaults)
 from infllm_eval.data_cli import data_app
 from infllm_eval.errors import UserError, unknown_name
 
@@ -168,7 +169,7 @@ def report(
     """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT."""
     from pathlib import Path
 
-    from infllm_eval.report import tool_defaults, write_report
+    from infllm_eval.report import write_report
 
     d = tool_defaults("report")
     threshold = d["threshold"] if threshold is None else threshold
@@ -189,7 +190,6 @@ def check(
 ) -> None:
     """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
     from infllm_eval.check import check as run_check
-    from infllm_eval.report import tool_defaults
 
     d = tool_defaults("check")
     res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,

@@ -71,13 +71,6 @@ def read_records(samples_path: Path) -> list[dict]:
     return out
 
 
-def tool_defaults(section: str) -> dict:
-    """Defaults of a results / planning command, from conf/tools.yaml (the only place they live)."""
-    from infllm_eval.paths import conf_dir
-
-    return dict((yaml.safe_load((conf_dir() / "tools.yaml").read_text()) or {}).get(section) or {})
-
-
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
