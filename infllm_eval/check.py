@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from infllm_eval.report import CELL, FAILED, read_table
+from infllm_eval.store import CELL, FAILED, read_table
 
 VERDICT_ORDER = ["REGRESSION", "NEW FAILURES", "incomparable", "missing in results", "new in results", "ok"]
 FAILING = ("REGRESSION", "NEW FAILURES", "incomparable")

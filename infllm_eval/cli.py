@@ -68,8 +68,9 @@ def _cell_name(cfg) -> str:
 
 def _summary_since(cfg, t0: float) -> bool:
     from infllm_eval.runner import run_dir_of
+    from infllm_eval.store import SUMMARY_CSV
 
-    summary = run_dir_of(cfg) / "summary.csv"
+    summary = run_dir_of(cfg) / SUMMARY_CSV
     return summary.exists() and summary.stat().st_mtime >= t0 - 1
 
 
@@ -210,9 +211,10 @@ def merge(
     import pandas as pd
 
     from infllm_eval.merge import merge_shards
+    from infllm_eval.store import SUMMARY_CSV
 
     path, added = merge_shards(run_dir, remove_shards)
-    show_summary(pd.read_csv(path / "summary.csv"), str(path))
+    show_summary(pd.read_csv(path / SUMMARY_CSV), str(path))
     out.print(f"merged {added} new samples into {path}")
 
 
@@ -265,11 +267,12 @@ def score(
     from pathlib import Path
 
     from infllm_eval.score import rescore_run, score_file, write_per_sample
+    from infllm_eval.store import SAMPLES_FILE, SUMMARY_CSV
 
     if Path(path).is_dir():
         metric, n, summary = rescore_run(path, task)
         show_summary(summary, title=f"rescored with {metric}")
-        print(f"rescored {n} samples with {metric}; rewrote samples.jsonl and summary.csv/.md in {path}")
+        print(f"rescored {n} samples with {metric}; rewrote {SAMPLES_FILE} and {SUMMARY_CSV}/.md in {path}")
         return
     res = score_file(path, task, buckets=e)
     print(f"{res.task} ({res.metric}, {len(res.scores)} samples): {res.aggregate}")

@@ -26,7 +26,7 @@ from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.methods import make_method
 from infllm_eval.metrics import get_metric
 from infllm_eval.models import load_model, render_chat
-from infllm_eval.store import RunStore, content_key, provenance
+from infllm_eval.store import RunStore, content_key, provenance, run_dir_name
 from infllm_eval.tasks import make_task
 from infllm_eval.tasks.base import SampleSkipped
 
@@ -36,8 +36,7 @@ console = Console(stderr=True)
 def run_dir_of(cfg: DictConfig) -> Path:
     """output_dir/run_name; shard i/n (`shard=i/n`) writes its own directory: run_name-shard{i}of{n}."""
     shard = parse_shard(cfg.get("shard"))
-    suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""
-    return Path(cfg.output_dir) / f"{cfg.run_name}{suffix}"
+    return Path(cfg.output_dir) / run_dir_name(cfg.run_name, shard)
 
 
 def run_cell(cfg: DictConfig) -> pd.DataFrame:
