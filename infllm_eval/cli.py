@@ -48,7 +48,7 @@ def run(
 
         make_method(cfg.method)
     if not multirun:
-        _run_and_show(compose(overrides))
+        _run_and_show(cfgs[0])  # composed and validated above: one compose per run
         return
     started = time.time()
     _run_hydra(overrides)
@@ -75,11 +75,12 @@ def _summary_since(cfg, t0: float) -> bool:
 
 
 def _run_and_show(cfg) -> None:
-    from infllm_eval.runner import run_cell, run_dir_of
+    from infllm_eval.runner import run_cell, run_target
 
-    summary = run_cell(cfg)
+    target = run_target(cfg)  # the run directory and shard, once per run
+    summary = run_cell(cfg, target)
     show_summary(summary, title=f"{cfg.model.name} · {cfg.method.name} · {cfg.task.name}")
-    out.print(f"results: {run_dir_of(cfg)}")
+    out.print(f"results: {target.dir}")
 
 
 def _hydra_cell(cfg) -> None:

@@ -130,3 +130,15 @@ def test_unreadable_provenance_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="provenance.json' is not valid JSON"):
         read_run(tmp_path)
 
+
+
+def test_run_target_names_the_shard_directory_that_merge_finds(tmp_path):
+    from infllm_eval.runner import run_target
+    from infllm_eval.store import SHARD_DIR
+
+    whole = run_target(_cfg(tmp_path, "run_name=r"))
+    assert (whole.dir, whole.shard) == (tmp_path / "r", None)
+    part = run_target(_cfg(tmp_path, "run_name=r", "shard=1/3"))
+    assert (part.dir, part.shard) == (tmp_path / "r-shard1of3", (1, 3))
+    m = SHARD_DIR.match(part.dir.name)
+    assert (m["base"], m["i"], m["n"]) == ("r", "1", "3")
