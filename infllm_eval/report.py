@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from infllm_eval.errors import UserError
-from infllm_eval.store import AXES, CELL, FAILED, TIDY_CSV, TIDY_PARQUET, load_runs
+from infllm_eval.store import AXES, CELL, FAILED, TIDY_CSV, TIDY_PARQUET, load_runs, to_markdown
 
 #: provenance columns that must agree for two runs' samples of one cell to be averaged
 SIGNATURE = ["task_fingerprint", "prompt_profile", "method_fingerprint", "model_fingerprint"]
@@ -113,13 +113,7 @@ def _sized(c: pd.DataFrame) -> pd.DataFrame:
 
 
 def _md_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_(none)_\n"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    return "_(none)_\n" if df.empty else to_markdown(df, _fmt)
 
 
 def _fmt(v: Any) -> str:

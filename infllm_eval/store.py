@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import yaml
@@ -192,9 +192,14 @@ def summarize(records: list[dict]) -> pd.DataFrame:
     return out
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |\n" for row in df.itertuples(index=False))
+def _cell_text(v: Any) -> str:
+    return "" if pd.isna(v) else str(v)
+
+
+def to_markdown(df: pd.DataFrame, fmt: Callable[[Any], str] = _cell_text) -> str:
+    """A markdown table of `df`, each value written by `fmt` (default: empty for NaN / None, else str)."""
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    body = "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in df.itertuples(index=False))
     return header + body
 
 
