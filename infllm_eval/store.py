@@ -6,6 +6,7 @@ A run directory holds
   samples.jsonl     one JSON record per finished sample (appended, flushed and fsynced one by one)
   summary.csv       one row per model x method x task x length x depth cell (written atomically at the end)
   summary.md        the same as a markdown table
+  .lock             held (flock) by the one process writing the directory
 Records are keyed by a hash of everything that determines the sample's result, never by position, so a resumed
 run reuses exactly the finished samples whose key still matches; a torn last line (a killed writer) is dropped.
 
@@ -48,7 +49,6 @@ SHARD_DIR = re.compile(r"^(?P<base>.+)-shard(?P<i>\d+)of(?P<n>\d+)$")
 
 #: the axes of a sample: one summary row / report cell per distinct combination
 AXES = ["model", "method", "task", "length", "depth"]
-SUMMARY_KEYS = AXES
 #: a cell of the grid (every depth together)
 CELL = ["model", "method", "task", "length"]
 FAILED = ("error", "oom", "timeout", "skipped")  # statuses counted separately, never scored
@@ -162,17 +162,17 @@ def _int_or_none(x) -> int | None:
 
 def summarize(records: list[dict]) -> pd.DataFrame:
     """Tidy summary: one row per cell; score = 100 x mean over samples that finished (status ok)."""
-    cols = SUMMARY_KEYS + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "n_skipped", "score", "input_tokens",
-                           "prefill_s", "decode_s", "prefill_tok_s", "peak_mem_mb"]
+    cols = AXES + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "n_skipped", "score", "input_tokens",
+                   "prefill_s", "decode_s", "prefill_tok_s", "peak_mem_mb"]
     if not records:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(records)
     df["depth"] = df["depth"].fillna(-1.0)
     rows = []
-    for keys, g in df.groupby(SUMMARY_KEYS, sort=True):
+    for keys, g in df.groupby(AXES, sort=True):
         ok = g[g["status"] == "ok"]
         rows.append({
-            **dict(zip(SUMMARY_KEYS, keys)),
+            **dict(zip(AXES, keys)),
             "n": len(g),
             "n_ok": len(ok),
             "n_error": int((g["status"] == "error").sum()),
