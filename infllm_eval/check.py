@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from infllm_eval.report import CELL, FAILED, read_table
+from infllm_eval.store import CELL, FAILED, read_table, to_markdown
 
 VERDICT_ORDER = ["REGRESSION", "NEW FAILURES", "incomparable", "missing in results", "new in results", "ok"]
 FAILING = ("REGRESSION", "NEW FAILURES", "incomparable")
@@ -61,10 +61,7 @@ class GateResult:
             "new_failures",
             "note",
         ]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in shown.reindex(columns=cols).itertuples(index=False):
-            lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
-        return head + "\n".join(lines) + "\n"
+        return head + to_markdown(shown.reindex(columns=cols), _fmt)
 
 
 def _fmt(v) -> str:

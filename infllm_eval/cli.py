@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infllm_eval.config import GROUPS, compose, expand_sweep, group_options, resolved_yaml, searchpath_overrides
+from infllm_eval.config import (GROUPS, compose, expand_sweep, group_options, resolved_yaml,
+                                searchpath_overrides, tool_defaults)
 from infllm_eval.data_cli import data_app
 from infllm_eval.errors import UserError, unknown_name
 
@@ -47,7 +48,7 @@ def run(
 
         make_method(cfg.method)
     if not multirun:
-        _run_and_show(compose(overrides))
+        _run_and_show(cfgs[0])  # composed and validated above: one compose per run
         return
     started = time.time()
     _run_hydra(overrides)
@@ -67,17 +68,19 @@ def _cell_name(cfg) -> str:
 
 def _summary_since(cfg, t0: float) -> bool:
     from infllm_eval.runner import run_dir_of
+    from infllm_eval.store import SUMMARY_CSV
 
-    summary = run_dir_of(cfg) / "summary.csv"
+    summary = run_dir_of(cfg) / SUMMARY_CSV
     return summary.exists() and summary.stat().st_mtime >= t0 - 1
 
 
 def _run_and_show(cfg) -> None:
-    from infllm_eval.runner import run_cell, run_dir_of
+    from infllm_eval.runner import run_cell, run_target
 
-    summary = run_cell(cfg)
+    target = run_target(cfg)  # the run directory and shard, once per run
+    summary = run_cell(cfg, target)
     show_summary(summary, title=f"{cfg.model.name} · {cfg.method.name} · {cfg.task.name}")
-    out.print(f"results: {run_dir_of(cfg)}")
+    out.print(f"results: {target.dir}")
 
 
 def _hydra_cell(cfg) -> None:
@@ -170,7 +173,7 @@ def report(
     """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT."""
     from pathlib import Path
 
-    from infllm_eval.report import tool_defaults, write_report
+    from infllm_eval.report import write_report
 
     d = tool_defaults("report")
     threshold = d["threshold"] if threshold is None else threshold
@@ -191,7 +194,6 @@ def check(
 ) -> None:
     """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
     from infllm_eval.check import check as run_check
-    from infllm_eval.report import tool_defaults
 
     d = tool_defaults("check")
     res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,
@@ -212,9 +214,10 @@ def merge(
     import pandas as pd
 
     from infllm_eval.merge import merge_shards
+    from infllm_eval.store import SUMMARY_CSV
 
     path, added = merge_shards(run_dir, remove_shards)
-    show_summary(pd.read_csv(path / "summary.csv"), str(path))
+    show_summary(pd.read_csv(path / SUMMARY_CSV), str(path))
     out.print(f"merged {added} new samples into {path}")
 
 
@@ -267,11 +270,12 @@ def score(
     from pathlib import Path
 
     from infllm_eval.score import rescore_run, score_file, write_per_sample
+    from infllm_eval.store import SAMPLES_FILE, SUMMARY_CSV
 
     if Path(path).is_dir():
         metric, n, summary = rescore_run(path, task)
         show_summary(summary, title=f"rescored with {metric}")
-        print(f"rescored {n} samples with {metric}; rewrote samples.jsonl and summary.csv/.md in {path}")
+        print(f"rescored {n} samples with {metric}; rewrote {SAMPLES_FILE} and {SUMMARY_CSV}/.md in {path}")
         return
     res = score_file(path, task, buckets=e)
     print(f"{res.task} ({res.metric}, {len(res.scores)} samples): {res.aggregate}")

@@ -208,3 +208,9 @@ def check_output_dir(path: str | Path) -> Path:
     except OSError as e:
         raise UserError(f"Output directory '{p}' is not writable ({e.strerror}); set output_dir=... to a writable path.") from e
     return p
+
+
+def tool_defaults(section: str) -> dict:
+    """Defaults of a results / planning command (`report`, `check`, `plan`), from conf/tools.yaml (the only
+    place they live; not part of a run's config)."""
+    return dict((yaml.safe_load((conf_dir() / "tools.yaml").read_text()) or {}).get(section) or {})

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from infllm_eval.config import compose, parse_shard
 from infllm_eval.errors import UserError
-from infllm_eval.report import tool_defaults
+from infllm_eval.config import tool_defaults
 
 SHAPE_KEYS = (
     "hidden_size",

@@ -1,15 +1,7 @@
 """Reports: every run directory under a root -> one tidy per-sample table + markdown pivots + plots.
 
-`load_runs(root)` reads each run directory (config.yaml, provenance.json, samples.jsonl) **read-only** (a torn
-last line of a run still being written is skipped, never truncated) and returns one row per sample: the axes
-(model, method, task, length, depth, sample_id), the result (score, status, timings, peak memory, input
-tokens, truncation) and the provenance (git commit, versions, device, dtype, model / task / method
-fingerprints, prompt profile).
-
-Which records count: a run directory accumulates records of every config it was run with; only the records
-whose content key belongs to the directory's current config are kept (the `cell_key` the runner writes, or for
-older runs the same key recomputed from provenance), one per sample (the latest `ok` one, else the latest
-failure).
+The tidy table is `store.load_runs(root)`: one row per sample of every run, the records that count by
+`store.current_records` (a run's current config, one per sample), read-only.
 
 Derived views (`write_report`): tidy.csv / tidy.parquet, cells.csv (one row per model x method x task x length
 x depth), report.md (the paper's ∞-Bench / LongBench table layouts with their averages, task x method per model,
@@ -21,202 +13,16 @@ counted in their own columns and never scored.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from infllm_eval.errors import UserError
-from infllm_eval.store import content_key
+from infllm_eval.store import AXES, CELL, FAILED, TIDY_CSV, TIDY_PARQUET, load_runs, to_markdown
 
-AXES = ["model", "method", "task", "length", "depth"]
-CELL = ["model", "method", "task", "length"]
-FAILED = ("error", "oom", "timeout", "skipped")  # counted separately, never scored
 #: provenance columns that must agree for two runs' samples of one cell to be averaged
 SIGNATURE = ["task_fingerprint", "prompt_profile", "method_fingerprint", "model_fingerprint"]
-RESULT_COLS = [
-    "sample_id",
-    "key",
-    "score",
-    "status",
-    "error",
-    "n_input_tokens",
-    "truncated",
-    "n_dropped",
-    "prefill_s",
-    "decode_s",
-    "new_tokens",
-    "stopped_by",
-    "peak_mem_bytes",
-    "prediction",
-    "answers",
-    "finished_at",
-]
-
-
-# -- reading -------------------------------------------------------------------------------------------------
-def read_records(samples_path: Path) -> list[dict]:
-    """Complete JSON lines of a samples.jsonl, without modifying the file (a torn last line is skipped)."""
-    out = []
-    for line in samples_path.read_bytes().split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a writer killed (or still writing) mid-line
-    return out
-
-
-def tool_defaults(section: str) -> dict:
-    """Defaults of a results / planning command, from conf/tools.yaml (the only place they live)."""
-    from infllm_eval.paths import conf_dir
-
-    return dict((yaml.safe_load((conf_dir() / "tools.yaml").read_text()) or {}).get(section) or {})
-
-
-def _short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _current_records(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
-    """The records that belong to the run directory's current config, one per sample."""
-    cell_key = prov.get("cell_key")
-    if cell_key is not None:
-        mine = [r for r in records if r.get("cell_key") == cell_key]
-    else:  # runs written before cell_key existed: recompute the runner's keys from provenance
-        mine = []
-        base = {
-            "harness": (prov.get("versions") or {}).get("infllm-eval"),
-            "model": prov.get("model_fingerprint"),
-            "method": prov.get("method"),
-            "task": prov.get("task_fingerprint"),
-            "generation": prov.get("generation"),
-            "device": str(prov.get("device", "")).split(":")[0],
-        }
-        for dtype in _dtype_candidates(cfg, base["device"]):
-            expected = {
-                sid: content_key({**base, "dtype": dtype}, sid)
-                for sid in {r.get("sample_id") for r in records}
-            }
-            hits = [r for r in records if r.get("key") == expected[r.get("sample_id")]]
-            if len(hits) > len(mine):
-                mine = hits
-        if not mine:  # keys cannot be re-derived (e.g. written by another harness version): latest per sample
-            by_id = {r.get("sample_id"): r for r in records}
-            mine = [
-                {**r, "key": r.get("key") or r.get("sample_id"), "_unverified": True} for r in by_id.values()
-            ]
-    latest: dict[str, dict] = {}
-    for r in mine:  # later lines win, but a finished sample is never replaced by a failure
-        prev = latest.get(r["key"])
-        if prev is None or r.get("status") == "ok" or prev.get("status") != "ok":
-            latest[r["key"]] = r
-    return list(latest.values())
-
-
-def _dtype_candidates(cfg: dict, device_type: str) -> list[str]:
-    names = {
-        "float32": "torch.float32",
-        "fp32": "torch.float32",
-        "bfloat16": "torch.bfloat16",
-        "bf16": "torch.bfloat16",
-        "float16": "torch.float16",
-        "fp16": "torch.float16",
-    }
-    if cfg.get("dtype") in names:
-        return [names[cfg["dtype"]]]
-    return (
-        ["torch.bfloat16", "torch.float32"] if device_type == "cuda" else ["torch.float32", "torch.bfloat16"]
-    )
-
-
-def _run_columns(root: Path, run_dir: Path, cfg: dict, prov: dict) -> dict:
-    git = prov.get("git") or {}
-    versions = prov.get("versions") or {}
-    method = dict(prov.get("method") or {})
-    task = cfg.get("task") or {}
-    return {
-        "run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".",
-        "git_commit": git.get("commit"),
-        "git_dirty": git.get("dirty"),
-        "harness_version": versions.get("infllm-eval"),
-        "torch_version": versions.get("torch"),
-        "transformers_version": versions.get("transformers"),
-        "device": prov.get("device"),
-        "device_name": prov.get("device_name"),
-        "dtype": str(prov.get("dtype") or cfg.get("dtype")).removeprefix("torch."),
-        "seed": prov.get("seed", cfg.get("seed")),
-        "chunk_size": cfg.get("chunk_size"),
-        "max_new_tokens": (prov.get("generation") or {}).get("max_new_tokens"),
-        "model_fingerprint": prov.get("model_fingerprint"),
-        "task_fingerprint": prov.get("task_fingerprint"),
-        "prompt_profile": task.get("profile"),
-        "method_fingerprint": _short_hash(method),
-        "method_params": json.dumps(
-            {k: v for k, v in method.items() if k not in ("name", "position_scheme")}, sort_keys=True
-        ),
-        "shard": cfg.get("shard"),
-    }
-
-
-def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("samples.jsonl") if (p.parent / "config.yaml").is_file())
-
-
-def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per sample over every run directory under `root` (see the module docstring)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(
-            f"Results root '{root}' is not a directory; pass a folder that holds run directories."
-        )
-    rows = []
-    for run_dir in find_runs(root):
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        prov_path = run_dir / "provenance.json"
-        prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-        run_cols = _run_columns(root, run_dir, cfg, prov)
-        for r in _current_records(read_records(run_dir / "samples.jsonl"), prov, cfg):
-            row = {k: r.get(k) for k in ("model", "method", "task", "length", "depth")}
-            row.update({k: r.get(k) for k in RESULT_COLS})
-            row["answers"] = (
-                json.dumps(r.get("answers"), ensure_ascii=False) if r.get("answers") is not None else None
-            )
-            row["config_verified"] = not r.get(
-                "_unverified", False
-            )  # record provably of the run's current config
-            row.update(run_cols)
-            rows.append(row)
-    if not rows:
-        raise UserError(
-            f"No run directories with samples under '{root}' (each needs config.yaml and samples.jsonl)."
-        )
-    df = pd.DataFrame(rows)
-    df["peak_mem_mb"] = (df["peak_mem_bytes"] / 2**20).round(1)
-    df["total_s"] = df["prefill_s"] + df["decode_s"]
-    return df.sort_values(
-        AXES[:4] + ["depth", "sample_id", "run_dir"], na_position="first", kind="stable", ignore_index=True
-    )
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A tidy table written by `write_report` (CSV or Parquet), or built from a run root."""
-    path = Path(path)
-    if path.is_dir():
-        return load_runs(path)
-    if not path.is_file():
-        raise UserError(
-            f"'{path}' does not exist; pass a run root or a tidy.csv / tidy.parquet from `report`."
-        )
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    missing = [c for c in AXES + ["sample_id", "score", "status"] if c not in df.columns]
-    if missing:
-        raise UserError(f"'{path}' is not a tidy table from `infllm-eval report` (no column {missing[0]}).")
-    return df
 
 
 # -- derived views -------------------------------------------------------------------------------------------
@@ -307,13 +113,7 @@ def _sized(c: pd.DataFrame) -> pd.DataFrame:
 
 
 def _md_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_(none)_\n"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    return "_(none)_\n" if df.empty else to_markdown(df, _fmt)
 
 
 def _fmt(v: Any) -> str:
@@ -483,8 +283,8 @@ def write_report(root: str | Path, out: str | Path, threshold: float,
     except OSError as e:
         raise UserError(f"Report directory '{out}' cannot be created ({e.strerror}); pass --out DIR.") from e
     paths = {
-        "tidy_csv": out / "tidy.csv",
-        "tidy_parquet": out / "tidy.parquet",
+        "tidy_csv": out / TIDY_CSV,
+        "tidy_parquet": out / TIDY_PARQUET,
         "cells": out / "cells.csv",
         "effective_length": out / "effective_length.csv",
         "markdown": out / "report.md",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,25 +27,38 @@ from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.methods import make_method
 from infllm_eval.metrics import get_metric
 from infllm_eval.models import load_model, render_chat
-from infllm_eval.store import RunStore, content_key, provenance
+from infllm_eval.store import RunStore, content_key, provenance, run_dir_name
 from infllm_eval.tasks import make_task
 from infllm_eval.tasks.base import SampleSkipped
 
 console = Console(stderr=True)
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a run writes and which samples it runs: computed once per run (`run_target`) and passed down."""
+
+    dir: Path
+    shard: tuple[int, int] | None  # (i, n): every n-th sample starting at i; None = all samples
+
+
+def run_target(cfg: DictConfig) -> RunTarget:
     """output_dir/run_name; shard i/n (`shard=i/n`) writes its own directory: run_name-shard{i}of{n}."""
     shard = parse_shard(cfg.get("shard"))
-    suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""
-    return Path(cfg.output_dir) / f"{cfg.run_name}{suffix}"
+    return RunTarget(Path(cfg.output_dir) / run_dir_name(cfg.run_name, shard), shard)
 
 
-def run_cell(cfg: DictConfig) -> pd.DataFrame:
-    """Runs (or resumes) one model x method x task cell and returns its tidy summary."""
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory of `cfg` (see `run_target`)."""
+    return run_target(cfg).dir
+
+
+def run_cell(cfg: DictConfig, target: RunTarget | None = None) -> pd.DataFrame:
+    """Runs (or resumes) one model x method x task cell and returns its tidy summary; `target` is
+    `run_target(cfg)` when the caller has computed it already."""
     method = make_method(cfg.method)  # validates parameters before any weights load
-    run_dir = run_dir_of(cfg)
-    check_output_dir(run_dir)
+    target = run_target(cfg) if target is None else target
+    check_output_dir(target.dir)
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     render = (lambda text: render_chat(lm, text)) if cfg.model.chat_template else (lambda text: text)
     task = make_task(cfg.task, lm.tokenizer, render, answer_prefix=bool(cfg.model.answer_prefix), seed=cfg.seed)
@@ -58,12 +72,11 @@ def run_cell(cfg: DictConfig) -> pd.DataFrame:
         "task": task.data_fingerprint(), "generation": gen, "dtype": str(lm.dtype), "device": lm.device.type,
     }
     specs = task.sample_specs()
-    shard = parse_shard(cfg.get("shard"))
-    if shard:
-        specs = specs[shard[0] :: shard[1]]
+    if target.shard:
+        specs = specs[target.shard[0] :: target.shard[1]]
     timeout_s = cfg.get("sample_timeout_s")
     cell_key = content_key(base_key)  # names the config the records belong to (report reads only these)
-    with RunStore(run_dir) as store:
+    with RunStore(target.dir) as store:
         store.start(resolved_yaml(cfg), provenance(lm.device, cfg.seed, model_fingerprint=lm.fingerprint,
                                                    task_fingerprint=base_key["task"], method=method.describe(),
                                                    generation=gen, dtype=base_key["dtype"],

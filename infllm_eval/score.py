@@ -8,7 +8,8 @@ Two inputs:
   `_e` suffix (LongBench-E) adds the 0-4k / 4-8k / 8k+ split by `length`. Score: `round(100 * mean, 2)`.
 - a run directory: the `prediction`, `answers` and `score_fields` of every finished record in samples.jsonl
   are scored again with the run's metric (config.yaml: `task.metric`, else the task definition's), and the
-  records and summary are rewritten with store.py's `summarize` / `to_markdown`.
+  records and summary are rewritten with store.py's `summarize` / `to_markdown`; the summary is made of the
+  records that count (`store.current_records`, as `report` counts them).
 Bad input is a UserError naming the file, the line and the field.
 """
 
@@ -21,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
-
 from infllm_eval.errors import UserError, unknown_name
 from infllm_eval.metrics import METRICS
 from infllm_eval.scorers import infbench, longbench, metric_name_for, missing_field
-from infllm_eval.store import RunStore, _atomic_write
+from infllm_eval.store import CONFIG_FILE, RunStore, current_records, read_config, read_provenance
 
 Metric = Callable[..., float]
 
@@ -138,13 +137,10 @@ def write_per_sample(result: FileScores, out: str | Path) -> Path:
 
 
 # -- run directories -----------------------------------------------------------------------------------------
-def run_metric(run_dir: Path) -> str:
-    """The metric a run used: config.yaml `task.metric`, else its task definition's (profile first)."""
-    config_path = run_dir / "config.yaml"
-    try:
-        cfg = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"Cannot read '{config_path}' ({e}); is '{run_dir}' a run directory?") from None
+def run_metric(run_dir: Path, cfg: dict | None = None) -> str:
+    """The metric a run used: config.yaml `task.metric`, else its task definition's (profile first); `cfg` is
+    the run's config.yaml when the caller has read it already."""
+    cfg = read_config(run_dir) if cfg is None else cfg
     task = cfg.get("task") or {}
     if task.get("metric"):
         return str(task["metric"])
@@ -154,28 +150,18 @@ def run_metric(run_dir: Path) -> str:
     profile = (definition.get("profiles") or {}).get(task.get("profile") or definition.get("default_profile"))
     metric = (profile or {}).get("metric") or definition.get("metric")
     if not metric:
-        raise UserError(f"{config_path} names no metric for task '{task.get('name')}'; pass --task.")
+        where = run_dir / CONFIG_FILE
+        raise UserError(f"{where} names no metric for task '{task.get('name')}'; pass --task.")
     return str(metric)
-
-
-def _current(run_dir: Path, records: list[dict]) -> list[dict]:
-    """The records a run's summary is made of: its config's cell (when recorded), the latest per sample."""
-    try:
-        cell = json.loads((run_dir / "provenance.json").read_text(encoding="utf-8")).get("cell_key")
-    except (OSError, ValueError):
-        cell = None
-    if cell:
-        records = [r for r in records if r.get("cell_key") == cell]
-    latest = {r.get("key", i): r for i, r in enumerate(records)}
-    return list(latest.values())
 
 
 def rescore_run(run_dir: str | Path, task: str | None = None) -> tuple[str, int, pd.DataFrame]:
     """Rescores every finished record of a run directory; returns (metric, records rescored, new summary)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml) nor a predictions file.")
-    metric_name = resolve_task(task)[0] if task else run_metric(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}) nor a predictions file.")
+    cfg = read_config(run_dir)
+    metric_name = resolve_task(task)[0] if task else run_metric(run_dir, cfg)
     if metric_name not in METRICS:
         raise unknown_name("metric", metric_name, list(METRICS))
     with RunStore(run_dir) as store:
@@ -192,7 +178,6 @@ def rescore_run(run_dir: str | Path, task: str | None = None) -> tuple[str, int,
             answers = _field(store.samples_path, n, rec, "answers", hint)
             rec["score"] = score_one(metric_name, pred, answers, dict(rec.get("score_fields") or {}), where)
             n_scored += 1
-        text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-        _atomic_write(store.samples_path, text)
-        summary = store.write_summary(_current(run_dir, records))
+        store.replace_records(records)
+        summary = store.write_summary(current_records(records, read_provenance(run_dir), cfg))
     return metric_name, n_scored, summary

@@ -6,8 +6,13 @@ A run directory holds
   samples.jsonl     one JSON record per finished sample (appended, flushed and fsynced one by one)
   summary.csv       one row per model x method x task x length x depth cell (written atomically at the end)
   summary.md        the same as a markdown table
+  .lock             held (flock) by the one process writing the directory
 Records are keyed by a hash of everything that determines the sample's result, never by position, so a resumed
 run reuses exactly the finished samples whose key still matches; a torn last line (a killed writer) is dropped.
+
+The read side lives here too, one reader for every command: `read_run` (one run directory, read-only, with
+the records that count, see `current_records`), `load_runs` (every run under a root as one tidy per-sample
+table) and `read_table` (that table from a run root or from a tidy.csv / tidy.parquet written by `report`).
 """
 
 from __future__ import annotations
@@ -17,21 +22,46 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
+import yaml
 
 from infllm_eval.errors import UserError
 
-SUMMARY_KEYS = ["model", "method", "task", "length", "depth"]
+# -- the run directory's files: the on-disk contract (tests spell the names out) -------------------------------
+CONFIG_FILE = "config.yaml"
+PROVENANCE_FILE = "provenance.json"
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+LOCK_FILE = ".lock"
+#: the tidy per-sample table `report` writes (and `check` reads)
+TIDY_CSV = "tidy.csv"
+TIDY_PARQUET = "tidy.parquet"
+#: a shard's run directory (`shard=i/n`): run_name-shard{i}of{n}
+SHARD_DIR = re.compile(r"^(?P<base>.+)-shard(?P<i>\d+)of(?P<n>\d+)$")
+
+#: the axes of a sample: one summary row / report cell per distinct combination
+AXES = ["model", "method", "task", "length", "depth"]
+#: a cell of the grid (every depth together)
+CELL = ["model", "method", "task", "length"]
+FAILED = ("error", "oom", "timeout", "skipped")  # statuses counted separately, never scored
 
 
 def content_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def run_dir_name(run_name: str, shard: tuple[int, int] | None) -> str:
+    """The directory name of a run: run_name, or run_name-shard{i}of{n} for shard i of n."""
+    return f"{run_name}-shard{shard[0]}of{shard[1]}" if shard else run_name
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -46,13 +76,13 @@ def _atomic_write(path: Path, text: str) -> None:
 class RunStore:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
-        self.samples_path = self.dir / "samples.jsonl"
+        self.samples_path = self.dir / SAMPLES_FILE
         self._lock_file = None
 
     # -- locking: two processes must not write the same run directory ---------------------------------------------
     def __enter__(self) -> "RunStore":
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.dir / ".lock", "w")
+        self._lock_file = open(self.dir / LOCK_FILE, "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -93,8 +123,15 @@ class RunStore:
         return records
 
     def finished(self) -> dict[str, dict]:
-        """key -> latest record with status ok (failed samples are retried on resume)."""
-        return {r["key"]: r for r in self.load_records() if r.get("status") == "ok"}
+        """key -> latest record with status ok (failed samples are retried on resume): `latest_per_key`'s
+        choice, finished records only. The writer knows its current keys, so looking them up here picks exactly
+        the records `current_records` counts."""
+        return {r["key"]: r for r in latest_per_key(self.load_records()) if r.get("status") == "ok"}
+
+    def replace_records(self, records: Iterable[dict]) -> None:
+        """Rewrites samples.jsonl with `records` (atomically: a crash leaves the old file or the new one)."""
+        lines = (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+        _atomic_write(self.samples_path, "".join(lines))
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
@@ -107,15 +144,15 @@ class RunStore:
     def start(self, config_yaml: str, provenance: dict) -> None:
         """Writes config + provenance and removes a previous summary, so an interrupted run never leaves a
         summary that looks complete."""
-        for name in ("summary.csv", "summary.md"):
+        for name in (SUMMARY_CSV, SUMMARY_MD):
             (self.dir / name).unlink(missing_ok=True)
-        _atomic_write(self.dir / "config.yaml", config_yaml)
-        _atomic_write(self.dir / "provenance.json", json.dumps(provenance, indent=2, default=str))
+        _atomic_write(self.dir / CONFIG_FILE, config_yaml)
+        _atomic_write(self.dir / PROVENANCE_FILE, json.dumps(provenance, indent=2, default=str))
 
     def write_summary(self, records: Iterable[dict]) -> pd.DataFrame:
         df = summarize(list(records))
-        _atomic_write(self.dir / "summary.csv", df.to_csv(index=False))
-        _atomic_write(self.dir / "summary.md", to_markdown(df))
+        _atomic_write(self.dir / SUMMARY_CSV, df.to_csv(index=False))
+        _atomic_write(self.dir / SUMMARY_MD, to_markdown(df))
         return df
 
 
@@ -125,17 +162,17 @@ def _int_or_none(x) -> int | None:
 
 def summarize(records: list[dict]) -> pd.DataFrame:
     """Tidy summary: one row per cell; score = 100 x mean over samples that finished (status ok)."""
-    cols = SUMMARY_KEYS + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "n_skipped", "score", "input_tokens",
-                           "prefill_s", "decode_s", "prefill_tok_s", "peak_mem_mb"]
+    cols = AXES + ["n", "n_ok", "n_error", "n_oom", "n_timeout", "n_skipped", "score", "input_tokens",
+                   "prefill_s", "decode_s", "prefill_tok_s", "peak_mem_mb"]
     if not records:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(records)
     df["depth"] = df["depth"].fillna(-1.0)
     rows = []
-    for keys, g in df.groupby(SUMMARY_KEYS, sort=True):
+    for keys, g in df.groupby(AXES, sort=True):
         ok = g[g["status"] == "ok"]
         rows.append({
-            **dict(zip(SUMMARY_KEYS, keys)),
+            **dict(zip(AXES, keys)),
             "n": len(g),
             "n_ok": len(ok),
             "n_error": int((g["status"] == "error").sum()),
@@ -155,10 +192,250 @@ def summarize(records: list[dict]) -> pd.DataFrame:
     return out
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |\n" for row in df.itertuples(index=False))
+def _cell_text(v: Any) -> str:
+    return "" if pd.isna(v) else str(v)
+
+
+def to_markdown(df: pd.DataFrame, fmt: Callable[[Any], str] = _cell_text) -> str:
+    """A markdown table of `df`, each value written by `fmt` (default: empty for NaN / None, else str)."""
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    body = "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in df.itertuples(index=False))
     return header + body
+
+
+# -- reading run directories (read-only: a run may still be written) -------------------------------------------
+def read_records(samples_path: Path) -> list[dict]:
+    """Complete JSON lines of a samples.jsonl, without modifying the file (a torn last line is skipped)."""
+    out = []
+    for line in samples_path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a writer killed (or still writing) mid-line
+    return out
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run directory's config.yaml as a plain dict."""
+    path = run_dir / CONFIG_FILE
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"Cannot read '{path}' ({e}); is '{run_dir}' a run directory?") from None
+
+
+def read_provenance(run_dir: Path) -> dict:
+    """A run directory's provenance.json; {} when there is none (its records then cannot be verified)."""
+    path = run_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"'{path}' is not valid JSON; restore it or re-run '{run_dir}'.") from None
+
+
+def current_records(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
+    """The records that count in a run directory: those of its current config, one per sample.
+
+    A run directory accumulates the records of every config it was run with. A record counts when
+    1. its content key belongs to the current config: its `cell_key` equals provenance's `cell_key` (the
+       runner writes both). Runs written before `cell_key` existed: its `key` equals the key the runner
+       computes from the provenance (harness version, model / task fingerprints, method, generation, device,
+       dtype); when no key can be re-derived (another harness version wrote it), the latest record per
+       sample_id, marked `_unverified`;
+    2. it is the latest record of its key, except that a finished (`ok`) record is never replaced by a later
+       failure (see `latest_per_key`): the sample a resume would reuse.
+    `report`, `check`, `score`, `merge` and the runner's resume (`RunStore.finished`) all count by this rule.
+    """
+    cell_key = prov.get("cell_key")
+    if cell_key is not None:
+        mine = [r for r in records if r.get("cell_key") == cell_key]
+    else:
+        mine = _records_of_legacy_config(records, prov, cfg)
+    return latest_per_key(mine)
+
+
+def latest_per_key(records: list[dict]) -> list[dict]:
+    """One record per `key`: later lines win, but a finished sample is never replaced by a failure."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        prev = latest.get(r["key"])
+        if prev is None or r.get("status") == "ok" or prev.get("status") != "ok":
+            latest[r["key"]] = r
+    return list(latest.values())
+
+
+def _records_of_legacy_config(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
+    """Runs written before cell_key existed: recompute the runner's keys from provenance."""
+    mine: list[dict] = []
+    base = {
+        "harness": (prov.get("versions") or {}).get("infllm-eval"),
+        "model": prov.get("model_fingerprint"),
+        "method": prov.get("method"),
+        "task": prov.get("task_fingerprint"),
+        "generation": prov.get("generation"),
+        "device": str(prov.get("device", "")).split(":")[0],
+    }
+    for dtype in _dtype_candidates(cfg, base["device"]):
+        expected = {
+            sid: content_key({**base, "dtype": dtype}, sid)
+            for sid in {r.get("sample_id") for r in records}
+        }
+        hits = [r for r in records if r.get("key") == expected[r.get("sample_id")]]
+        if len(hits) > len(mine):
+            mine = hits
+    if not mine:  # keys cannot be re-derived (e.g. written by another harness version): latest per sample
+        by_id = {r.get("sample_id"): r for r in records}
+        mine = [{**r, "key": r.get("key") or r.get("sample_id"), "_unverified": True} for r in by_id.values()]
+    return mine
+
+
+def _dtype_candidates(cfg: dict, device_type: str) -> list[str]:
+    names = {
+        "float32": "torch.float32",
+        "fp32": "torch.float32",
+        "bfloat16": "torch.bfloat16",
+        "bf16": "torch.bfloat16",
+        "float16": "torch.float16",
+        "fp16": "torch.float16",
+    }
+    if cfg.get("dtype") in names:
+        return [names[cfg["dtype"]]]
+    return (
+        ["torch.bfloat16", "torch.float32"] if device_type == "cuda" else ["torch.float32", "torch.bfloat16"]
+    )
+
+
+@dataclass
+class RunContents:
+    """A run directory as read: its config, provenance and the records that count (`current_records`)."""
+
+    dir: Path
+    config: dict
+    provenance: dict
+    records: list[dict]
+
+
+def read_run(run_dir: str | Path) -> RunContents:
+    """Reads a run directory without modifying it (a torn last line of a run being written is skipped)."""
+    run_dir = Path(run_dir)
+    cfg, prov = read_config(run_dir), read_provenance(run_dir)
+    return RunContents(run_dir, cfg, prov, current_records(read_records(run_dir / SAMPLES_FILE), prov, cfg))
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under `root`: folders with samples.jsonl and config.yaml."""
+    return sorted(p.parent for p in root.rglob(SAMPLES_FILE) if (p.parent / CONFIG_FILE).is_file())
+
+
+# -- the tidy per-sample table -------------------------------------------------------------------------------
+RESULT_COLS = [
+    "sample_id",
+    "key",
+    "score",
+    "status",
+    "error",
+    "n_input_tokens",
+    "truncated",
+    "n_dropped",
+    "prefill_s",
+    "decode_s",
+    "new_tokens",
+    "stopped_by",
+    "peak_mem_bytes",
+    "prediction",
+    "answers",
+    "finished_at",
+]
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _run_columns(root: Path, run_dir: Path, cfg: dict, prov: dict) -> dict:
+    git = prov.get("git") or {}
+    versions = prov.get("versions") or {}
+    method = dict(prov.get("method") or {})
+    task = cfg.get("task") or {}
+    return {
+        "run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".",
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+        "harness_version": versions.get("infllm-eval"),
+        "torch_version": versions.get("torch"),
+        "transformers_version": versions.get("transformers"),
+        "device": prov.get("device"),
+        "device_name": prov.get("device_name"),
+        "dtype": str(prov.get("dtype") or cfg.get("dtype")).removeprefix("torch."),
+        "seed": prov.get("seed", cfg.get("seed")),
+        "chunk_size": cfg.get("chunk_size"),
+        "max_new_tokens": (prov.get("generation") or {}).get("max_new_tokens"),
+        "model_fingerprint": prov.get("model_fingerprint"),
+        "task_fingerprint": prov.get("task_fingerprint"),
+        "prompt_profile": task.get("profile"),
+        "method_fingerprint": _short_hash(method),
+        "method_params": json.dumps(
+            {k: v for k, v in method.items() if k not in ("name", "position_scheme")}, sort_keys=True
+        ),
+        "shard": cfg.get("shard"),
+    }
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per sample over every run directory under `root` (read-only, `read_run`): the axes (model,
+    method, task, length, depth, sample_id), the result (score, status, timings, peak memory, input tokens,
+    truncation) and the provenance (git commit, versions, device, dtype, model / task / method fingerprints,
+    prompt profile); `config_verified` is False for records `current_records` could not tie to the config."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"Results root '{root}' is not a directory; pass a folder that holds run directories."
+        )
+    rows = []
+    for run_dir in find_runs(root):
+        run = read_run(run_dir)
+        run_cols = _run_columns(root, run_dir, run.config, run.provenance)
+        for r in run.records:
+            row = {k: r.get(k) for k in AXES}
+            row.update({k: r.get(k) for k in RESULT_COLS})
+            row["answers"] = (
+                json.dumps(r.get("answers"), ensure_ascii=False) if r.get("answers") is not None else None
+            )
+            row["config_verified"] = not r.get(
+                "_unverified", False
+            )  # record provably of the run's current config
+            row.update(run_cols)
+            rows.append(row)
+    if not rows:
+        raise UserError(
+            f"No run directories with samples under '{root}' (each needs {CONFIG_FILE} and {SAMPLES_FILE})."
+        )
+    df = pd.DataFrame(rows)
+    df["peak_mem_mb"] = (df["peak_mem_bytes"] / 2**20).round(1)
+    df["total_s"] = df["prefill_s"] + df["decode_s"]
+    return df.sort_values(
+        AXES[:4] + ["depth", "sample_id", "run_dir"], na_position="first", kind="stable", ignore_index=True
+    )
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A tidy table written by `write_report` (CSV or Parquet), or built from a run root."""
+    path = Path(path)
+    if path.is_dir():
+        return load_runs(path)
+    if not path.is_file():
+        raise UserError(
+            f"'{path}' does not exist; pass a run root or a {TIDY_CSV} / {TIDY_PARQUET} from `report`."
+        )
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = [c for c in AXES + ["sample_id", "score", "status"] if c not in df.columns]
+    if missing:
+        raise UserError(f"'{path}' is not a tidy table from `infllm-eval report` (no column {missing[0]}).")
+    return df
 
 
 # -- provenance ---------------------------------------------------------------------------------------------------

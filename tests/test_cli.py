@@ -99,3 +99,36 @@ def test_multirun_runs_every_cell(tmp_path):
     assert r.returncode == 0, r.stderr
     for m in ("full", "streamingllm"):
         assert (tmp_path / "tiny-llama" / m / "passkey" / "summary.csv").exists()
+
+
+def test_run_composes_once_and_computes_the_run_directory_once(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from infllm_eval import cli as cli_module
+    from infllm_eval import runner
+    from infllm_eval.store import summarize
+
+    calls = {"compose": 0, "run_target": 0}
+    real_compose, real_target = cli_module.compose, runner.run_target
+
+    def compose(overrides):
+        calls["compose"] += 1
+        return real_compose(overrides)
+
+    def run_target(cfg):
+        calls["run_target"] += 1
+        return real_target(cfg)
+
+    seen = {}
+
+    def run_cell(cfg, target=None):
+        seen.update(cfg=cfg, target=target)
+        return summarize([])
+
+    monkeypatch.setattr(cli_module, "compose", compose)
+    monkeypatch.setattr(runner, "run_target", run_target)
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    r = CliRunner().invoke(cli_module.app, ["run", *TINY, "shard=1/2", f"output_dir={tmp_path}"])
+    assert r.exit_code == 0, r.output
+    assert calls == {"compose": 1, "run_target": 1}
+    assert seen["target"].dir == tmp_path / "tiny-llama/full/passkey-shard1of2" and seen["target"].shard == (1, 2)

@@ -206,7 +206,8 @@ def test_cli_report_and_empty_root(tmp_path):
 
 
 def test_paper_tables_use_the_papers_columns_and_average_only_complete_rows(tmp_path):
-    from infllm_eval.report import paper_table, tool_defaults
+    from infllm_eval.config import tool_defaults
+    from infllm_eval.report import paper_table
 
     spec = tool_defaults("report")["paper_tables"]["infbench"]
     cols = dict(spec["columns"])

@@ -223,3 +223,17 @@ def test_cli_rescores_a_run_directory(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "rescored 2 samples with infbench_passkey" in r.stdout
     assert pd.read_csv(run / "summary.csv")["score"].tolist() == [50.0]
+
+
+def test_rescore_summary_counts_records_as_report_does(tmp_path: Path) -> None:
+    # one rule for every reader (store.current_records): a finished sample is never replaced by a later failure
+    # of the same key, and an earlier config's records are left out
+    retry_failed = {**record(0, None, status="error"), "error": "oom on a retry"}
+    run = make_run(tmp_path, [record(0, "12345"), retry_failed, record(1, "12345", cell="old-cell")])
+    _, n, summary = rescore_run(run)
+    assert n == 2  # every finished record is rescored, the earlier config's too
+    assert summary[["n", "n_ok", "n_error", "score"]].values.tolist() == [[1, 1, 0, 100.0]]
+    from infllm_eval.store import load_runs
+
+    tidy = load_runs(tmp_path)
+    assert tidy[["sample_id", "status", "score"]].values.tolist() == [["passkey-L100-d0.00-0", "ok", 1.0]]

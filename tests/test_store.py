@@ -78,3 +78,67 @@ def test_failing_sample_is_recorded_and_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(Engine, "generate", counting)
     summary = runner.run_cell(_cfg(tmp_path))
     assert counted["n"] == 1 and summary["n_ok"].sum() == 3 and summary["n_error"].sum() == 0
+
+
+def _rec(key, status, cell="now", **extra):
+    return {"key": key, "cell_key": cell, "sample_id": f"s-{key}", "status": status, **extra}
+
+
+def test_current_records_are_the_current_configs_latest_finished_record_per_key(tmp_path):
+    from infllm_eval.store import current_records, read_run
+
+    recs = [
+        _rec("a", "ok", cell="before"),  # an earlier config of the same run directory
+        _rec("b", "error", n=0), _rec("b", "ok", n=1), _rec("b", "oom", n=2),  # never replaced by a failure
+        _rec("c", "error", n=0), _rec("c", "timeout", n=1),  # no finished record: the latest failure
+        _rec("d", "ok", n=0), _rec("d", "ok", n=1),  # later lines win
+    ]
+    got = {r["key"]: (r["status"], r["n"]) for r in current_records(recs, {"cell_key": "now"}, {})}
+    assert got == {"b": ("ok", 1), "c": ("timeout", 1), "d": ("ok", 1)}
+    # the run directory reader applies the same rule; the writer's resume sees the same finished records
+    with RunStore(tmp_path) as st:
+        st.start("run_name: x\n", {"cell_key": "now"})
+        for r in recs:
+            st.append(r)
+        finished = st.finished()
+    run = read_run(tmp_path)
+    assert run.config == {"run_name": "x"} and run.provenance == {"cell_key": "now"}
+    assert {r["key"]: r["n"] for r in run.records} == {"b": 1, "c": 1, "d": 1}
+    assert {k: r.get("n") for k, r in finished.items()} == {"a": None, "b": 1, "d": 1}
+
+
+def test_records_of_runs_without_cell_key_are_matched_by_their_recomputed_key():
+    from infllm_eval.store import content_key, current_records
+
+    prov = {"versions": {"infllm-eval": "0.1"}, "model_fingerprint": "M", "method": {"name": "full"},
+            "task_fingerprint": "T", "generation": {"max_new_tokens": 8}, "device": "cpu"}
+    base = {"harness": "0.1", "model": "M", "method": {"name": "full"}, "task": "T",
+            "generation": {"max_new_tokens": 8}, "device": "cpu", "dtype": "torch.float32"}
+    mine = {"key": content_key(base, "s1"), "sample_id": "s1", "status": "ok"}
+    stale = {"key": content_key({**base, "task": "T0"}, "s2"), "sample_id": "s2", "status": "ok"}
+    assert current_records([mine, stale], prov, {"dtype": "float32"}) == [mine]
+    foreign = current_records([stale], prov, {"dtype": "float32"})  # nothing re-derivable: latest per sample
+    assert [(r["sample_id"], r["_unverified"]) for r in foreign] == [("s2", True)]
+
+
+def test_unreadable_provenance_is_a_user_error(tmp_path):
+    from infllm_eval.store import read_run
+
+    (tmp_path / "config.yaml").write_text("run_name: x\n")
+    (tmp_path / "samples.jsonl").write_text("")
+    (tmp_path / "provenance.json").write_text("{not json")
+    with pytest.raises(UserError, match="provenance.json' is not valid JSON"):
+        read_run(tmp_path)
+
+
+
+def test_run_target_names_the_shard_directory_that_merge_finds(tmp_path):
+    from infllm_eval.runner import run_target
+    from infllm_eval.store import SHARD_DIR
+
+    whole = run_target(_cfg(tmp_path, "run_name=r"))
+    assert (whole.dir, whole.shard) == (tmp_path / "r", None)
+    part = run_target(_cfg(tmp_path, "run_name=r", "shard=1/3"))
+    assert (part.dir, part.shard) == (tmp_path / "r-shard1of3", (1, 3))
+    m = SHARD_DIR.match(part.dir.name)
+    assert (m["base"], m["i"], m["n"]) == ("r", "1", "3")
