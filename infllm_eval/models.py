@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from infllm_eval.errors import UserError
+from infllm_eval.errors import UserError, unknown_name
 from infllm_eval.paths import cache_dir
+from infllm_eval.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")  # transformers model_type values our engine supports
-SOURCES = ("gguf_package", "tiny", "hub")
+#: model.source -> loader `(cfg, dtype) -> (model, tokenizer, weights identity)`; each registers below.
+MODEL_SOURCES: Registry[Callable[..., tuple[Any, Any, dict]]] = Registry("model source")
 CONFIG_KEYS = (
     "name", "description", "source", "id", "path", "revision", "gguf_package", "arch", "max_context",
     "chat_template", "chat_format", "answer_prefix", "extra_stop_tokens", "trust_remote_code", "tiny", "shape",
@@ -128,8 +130,7 @@ def load_model(model_cfg: Any, device: str, dtype: str) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one a user watches
-    loaders = {"gguf_package": _load_gguf_package, "tiny": _load_tiny, "hub": _load_hub}
-    model, tokenizer, weights_identity = loaders[cfg["source"]](cfg, torch_dtype)
+    model, tokenizer, weights_identity = MODEL_SOURCES.get(cfg["source"])(cfg, torch_dtype)
     _check_arch_matches(cfg, model.config)
     model = model.to(device=dev, dtype=torch_dtype).eval()
     return LoadedModel(
@@ -163,8 +164,8 @@ def _validate_cfg(cfg: dict) -> None:
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         raise UserError(f"Model config '{name}' lacks the key(s) {', '.join(missing)}.")
-    if cfg["source"] not in SOURCES:
-        raise UserError(f"model.source '{cfg['source']}' is invalid; allowed values: {', '.join(SOURCES)}.")
+    if cfg["source"] not in MODEL_SOURCES:
+        raise unknown_name("model.source", cfg["source"], MODEL_SOURCES.names())
     if cfg["arch"] not in SUPPORTED_ARCHS:
         raise UserError(
             f"model.arch '{cfg['arch']}' is not supported; supported: {', '.join(SUPPORTED_ARCHS)}."
@@ -304,6 +305,7 @@ def gguf_cache_dir(gguf_path: Path, cache_name: str) -> Path:
     return cache_dir() / cache_name / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+@MODEL_SOURCES.register("gguf_package")
 def _load_gguf_package(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -436,6 +438,7 @@ def _tiny_config(arch: str, tiny: dict, tokenizer: PreTrainedTokenizerBase) -> P
     )
 
 
+@MODEL_SOURCES.register("tiny")
 def _load_tiny(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
     """A random-init model from `cfg.tiny`, seeded without touching the global RNG."""
     from transformers import AutoModelForCausalLM
@@ -489,6 +492,7 @@ def hub_tokenizer(cfg: dict) -> Any:
         raise _not_cached(cfg["id"]) from e
 
 
+@MODEL_SOURCES.register("hub")
 def _load_hub(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
     """Config first (architecture check), then tokenizer, then safetensors weights in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

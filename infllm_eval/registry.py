@@ -82,6 +82,10 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._entries)
 
+    def __getitem__(self, name: str) -> T:
+        """`REGISTRY[name]`, the same as `get`: an unknown name is a UserError with a suggestion."""
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
@@ -92,6 +96,9 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         self._load()
         return sorted(self._entries.items())
+
+    def values(self) -> list[T]:
+        return [obj for _, obj in self.items()]
 
 
 def _where(obj: Any) -> str:

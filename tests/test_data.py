@@ -222,6 +222,30 @@ def test_hub_paths_read_the_archive_member_and_copy_for_offline_use(tmp_path, mo
         data.download(load_definition("longbench_qasper_e"), None)
 
 
+def test_jsonl_is_streamed_with_the_file_hash_and_the_same_rows_and_errors(tmp_path, monkeypatch):
+    """load_rows reads the file line by line (never its whole bytes): same rows, line numbers and sha256."""
+    import hashlib
+    import pathlib
+
+    from infllm_eval.paths import tasks_dir
+    from infllm_eval.tasks import data
+
+    raw = (tasks_dir() / "fixtures" / "infbench" / "kv_retrieval.jsonl").read_bytes() + b"\n\n"
+    (tmp_path / "kv_retrieval.jsonl").write_bytes(raw)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: pytest.fail(f"{self} read whole"))
+    loaded = data.load_rows(load_definition("infbench_kv_retrieval"), str(tmp_path))
+    assert loaded.sha256 == hashlib.sha256(raw).hexdigest()
+    lines = raw.decode("utf-8").splitlines()
+    assert loaded.rows == [dict(json.loads(line), _line=n) for n, line in enumerate(lines, 1) if line.strip()]
+    # a file that is not UTF-8 says so first (with the file's byte offset), even after a bad line
+    bad = b'{"a": 1}\r\n{"a": \n\n\xff\n'
+    at = bad.index(b"\xff")
+    with pytest.raises(UserError, match=rf"F is not UTF-8 text \(byte {at}\)"):
+        data.parse_jsonl(bad, "F")
+    with pytest.raises(UserError, match="F line 2 is not valid JSON"):
+        data.parse_jsonl(bad.replace(b"\xff", b"{}"), "F")
+
+
 def test_cli_sweep_over_both_benchmarks_from_one_data_dir(tmp_path):
     from infllm_eval.paths import tasks_dir
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from infllm_eval.errors import UserError
 from infllm_eval.metrics import METRICS, exact_match, first_int, first_int_match, get_metric
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.mark.parametrize(
@@ -52,3 +59,19 @@ def test_get_metric() -> None:
     assert get_metric("first_int_match") is first_int_match
     with pytest.raises(UserError, match="Did you mean 'first_int_match'"):
         get_metric("first_int_matc")
+
+
+def test_importing_metrics_leaves_the_scorers_for_the_first_lookup() -> None:
+    code = (
+        "import sys; from infllm_eval.metrics import METRICS; "
+        "assert 'infllm_eval.scorers.longbench' not in sys.modules; "
+        "assert METRICS['longbench_trec'].__name__ == 'longbench_trec'; "
+        "assert 'infllm_eval.scorers.longbench' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_unknown_metric_by_index_names_the_closest_one() -> None:
+    with pytest.raises(UserError, match="Unknown metric 'longbench_trc'. Did you mean 'longbench_trec'"):
+        METRICS["longbench_trc"]
+    assert METRICS.values()[METRICS.names().index("exact_match")] is exact_match

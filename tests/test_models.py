@@ -48,7 +48,7 @@ def test_every_model_config_has_the_full_schema():
         data = yaml.safe_load(f.read_text())
         assert set(data) == set(CONFIG_KEYS), f.name
         assert data["name"] == f.stem and data["arch"] in SUPPORTED_ARCHS
-        assert data["source"] in models.SOURCES and data["description"]
+        assert data["source"] in models.MODEL_SOURCES and data["description"]
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -134,6 +134,23 @@ def test_config_errors_are_user_errors():
         tiny(source="s3")
     with pytest.raises(UserError, match="chat_format"):
         tiny(chat_format="alpaca")
+
+
+def test_model_sources_are_a_registry_with_suggestions(monkeypatch):
+    assert models.MODEL_SOURCES.names() == ["gguf_package", "hub", "tiny"]
+    with pytest.raises(UserError, match="Unknown model.source 'hubb'. Did you mean 'hub'"):
+        tiny(source="hubb")
+
+    class Reached(Exception):
+        pass
+
+    def loader(cfg, dtype):
+        raise Reached(cfg["name"], dtype)
+
+    monkeypatch.setitem(models.MODEL_SOURCES._entries, "my_store", loader)  # as a plugin's register would
+    with pytest.raises(Reached) as e:
+        tiny(source="my_store")
+    assert e.value.args == ("tiny-llama", torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- device/dtype

@@ -1,37 +1,27 @@
 """The official LongBench v1 and ∞-Bench scorers as metrics `(prediction, answers, **fields) -> float`.
 
 `longbench_<dataset>` for the 21 LongBench datasets (`longbench.py`), `infbench_<task>` for the 12 ∞-Bench
-tasks (`infbench.py`), plus `infbench_code_debug_infllm` (InfLLM's own code_debug rule). Each metric ignores
-fields it does not use; `missing_field` says which field a sample lacks for a metric that needs one.
+tasks (`infbench.py`), plus `infbench_code_debug_infllm` (InfLLM's own code_debug rule); each module adds them
+to `infllm_eval.metrics.METRICS` from its table. Each metric ignores fields it does not use; `missing_field`
+says which field a sample lacks for a metric that needs one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from infllm_eval.metrics import METRICS
 from infllm_eval.scorers import infbench, longbench
 
-Metric = Callable[..., float]
-
-LONGBENCH_PREFIX = "longbench_"
-INFBENCH_PREFIX = "infbench_"
-
-
-def scorer_metrics() -> dict[str, Metric]:
-    """Every scorer, by its registered metric name."""
-    metrics: dict[str, Metric] = {
-        f"{LONGBENCH_PREFIX}{d}": longbench.make_metric(d) for d in longbench.DATASETS
-    }
-    for task, fn in {**infbench.TASK_METRIC, **infbench.INFLLM_VARIANTS}.items():
-        metrics[f"{INFBENCH_PREFIX}{task}"] = fn
-    return metrics
+LONGBENCH_PREFIX = longbench.PREFIX
+INFBENCH_PREFIX = infbench.PREFIX
 
 
 def metric_name_for(task: str) -> str | None:
     """The metric for a LongBench dataset or ∞-Bench task, bare or prefixed (`trec`, `longbench_trec`)."""
     if task.startswith((LONGBENCH_PREFIX, INFBENCH_PREFIX)):
-        return task if task in scorer_metrics() else None
+        return task if task in METRICS else None
     if task in longbench.DATASET_METRIC:
         return LONGBENCH_PREFIX + task
     if task in infbench.TASK_METRIC or task in infbench.INFLLM_VARIANTS:

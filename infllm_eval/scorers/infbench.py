@@ -43,17 +43,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from infllm_eval.metrics import METRICS, first_int
 from infllm_eval.scorers.longbench import normalize_answer, normalize_zh_answer, token_f1
+
+#: the registered metric names are `infbench_<task>`.
+PREFIX = "infbench_"
 
 OPTION_LETTERS = "ABCD"
 _NON_DIGIT = re.compile(r"[^0-9]")
 _FIRST_NUMBER = re.compile(r"\d+\.\d+|\d+")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def first_int(prediction: str) -> str:
-    """The first maximal run of ASCII digits in `prediction`, or "" (∞-Bench `first_int_match`)."""
-    return next((item for item in _NON_DIGIT.split(prediction) if item), "")
 
 
 def _blank_out(text: str, chars: Sequence[str]) -> str:
@@ -353,3 +352,6 @@ TASK_METRIC: dict[str, Metric] = {
 TASKS: tuple[str, ...] = tuple(TASK_METRIC)
 #: variants that reproduce InfLLM's own eval where it departs from the official one.
 INFLLM_VARIANTS: dict[str, Metric] = {"code_debug_infllm": code_debug_infllm}
+
+for _task, _metric in {**TASK_METRIC, **INFLLM_VARIANTS}.items():
+    METRICS.add(PREFIX + _task, _metric)

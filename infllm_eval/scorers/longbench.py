@@ -28,6 +28,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from infllm_eval.metrics import METRICS
+
+#: the registered metric names are `longbench_<dataset>`.
+PREFIX = "longbench_"
+
 #: Chinese punctuation removed by LongBench's (and ∞-Bench's) `normalize_zh_answer`, plus string.punctuation.
 CN_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _EN_PUNCT = frozenset(string.punctuation)
@@ -211,7 +216,7 @@ def make_metric(dataset: str) -> PerAnswer:
 
     inner = DATASET_METRIC[dataset]
     rule = " on the first line" if dataset in FIRST_LINE_DATASETS else ""
-    metric.__name__ = f"longbench_{dataset}".replace("-", "_")
+    metric.__name__ = f"{PREFIX}{dataset}".replace("-", "_")
     metric.__doc__ = f"LongBench {dataset}: max over answers of `{inner.__name__}`{rule} (eval.py)."
     return metric
 
@@ -232,3 +237,7 @@ def length_buckets(scores: Sequence[float], lengths: Sequence[int]) -> dict[str,
     for score, length in zip(scores, lengths):
         groups["0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"].append(score)
     return {k: round(100 * float(np.mean(v)), 2) if v else float("nan") for k, v in groups.items()}
+
+
+for _dataset in DATASETS:
+    METRICS.add(PREFIX + _dataset, make_metric(_dataset))

@@ -17,14 +17,16 @@ UserError naming the file, the line and the field.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from infllm_eval.errors import UserError
 
@@ -44,41 +46,60 @@ def file_name(definition: dict) -> str:
 
 
 def load_rows(definition: dict, data_dir: str | None) -> Rows:
-    """Read and check the task's rows from `data_dir` or the hub cache (downloading when online)."""
-    raw, origin = _read_local(definition, data_dir) if data_dir else _read_hub(definition)
-    rows = parse_jsonl(raw, origin)
+    """Read and check the task's rows from `data_dir` or the hub cache (downloading when online).
+
+    The file is streamed line by line (hashed on the way), never held whole: the peak memory is the rows plus one
+    line, not the file's bytes and text on top (∞-Bench files run to GBs).
+    """
+    with _open_local(definition, data_dir) if data_dir else _open_hub(definition) as (fh, origin):
+        digest = hashlib.sha256()
+        rows = read_jsonl(_hashed(fh, digest), origin)
     check_rows(rows, definition, origin)
-    return Rows(rows=rows, origin=origin, sha256=hashlib.sha256(raw).hexdigest())
+    return Rows(rows=rows, origin=origin, sha256=digest.hexdigest())
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-def _read_local(definition: dict, data_dir: str) -> tuple[bytes, str]:
+@contextmanager
+def _open_local(definition: dict, data_dir: str) -> Iterator[tuple[BinaryIO, str]]:
     folder = Path(str(data_dir)).expanduser()
     name = file_name(definition)
     for cand in (folder / name, folder / "data" / name, folder / str(definition["benchmark"]) / name):
         if cand.is_file():
-            return cand.read_bytes(), str(cand)
+            with cand.open("rb") as fh:
+                yield fh, str(cand)
+            return
     raise UserError(
         f"task.data_dir '{data_dir}' has no {name}; put the benchmark's {name} there "
         f"(e.g. `infllm-eval data download {definition['dataset']} --to {data_dir}`)."
     )
 
 
-def _read_hub(definition: dict) -> tuple[bytes, str]:
+@contextmanager
+def _open_hub(definition: dict) -> Iterator[tuple[BinaryIO, str]]:
     src = definition["source"]
     if src.get("hub_archive"):
         archive = hub_file(src["hub_repo"], src["hub_archive"], definition["dataset"])
         member = src["archive_member"].format(dataset=definition["dataset"])
         with zipfile.ZipFile(archive) as zf:
             try:
-                return zf.read(member), f"{archive}:{member}"
+                fh = zf.open(member)
             except KeyError:
                 raise UserError(
                     f"{archive} has no member {member}; the hub's archive changed, so put {file_name(definition)} in a "
                     "folder and set task.data_dir=that folder."
                 ) from None
+            with fh:
+                yield fh, f"{archive}:{member}"
+        return
     path = hub_file(src["hub_repo"], src["hub_file"].format(dataset=definition["dataset"]), definition["dataset"])
-    return Path(path).read_bytes(), str(path)
+    with open(path, "rb") as fh:
+        yield fh, str(path)
+
+
+def _hashed(lines: Iterable[bytes], digest: Any) -> Iterator[bytes]:
+    for line in lines:
+        digest.update(line)
+        yield line
 
 
 def hub_file(repo: str, filename: str, dataset: str) -> str:
@@ -97,22 +118,47 @@ def hub_file(repo: str, filename: str, dataset: str) -> str:
 
 def parse_jsonl(raw: bytes, origin: str) -> list[dict]:
     """One JSON object per non-empty line; a bad line is a UserError naming the file and the line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{origin} is not UTF-8 text (byte {e.start}); use the benchmark's own jsonl file.") from e
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    return read_jsonl(io.BytesIO(raw), origin)
+
+
+def read_jsonl(chunks: Iterable[bytes], origin: str) -> list[dict]:
+    """`parse_jsonl` over the file's bytes given as `\\n`-ended pieces (a binary file's lines), one at a time.
+
+    Lines are numbered as `str.splitlines` of the whole text numbers them. A file that is not UTF-8 is reported
+    before any bad line, wherever its bad byte lies.
+    """
+    rows: list[dict] = []
+    offset = number = 0
+    bad_line: UserError | None = None
+    for chunk in chunks:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{origin} line {number} is not valid JSON ({e.msg} at column {e.colno}).") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{origin} line {number} is a JSON {type(row).__name__}, not an object with fields.")
-        row["_line"] = number
-        rows.append(row)
+            text = chunk.decode("utf-8")  # b"\n" never occurs inside a UTF-8 sequence, so pieces decode alone
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{origin} is not UTF-8 text (byte {offset + e.start}); use the benchmark's own jsonl file."
+            ) from e
+        offset += len(chunk)
+        if bad_line is not None:
+            continue  # only the UTF-8 check goes on
+        for line in text.splitlines():
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad_line = UserError(f"{origin} line {number} is not valid JSON ({e.msg} at column {e.colno}).")
+                bad_line.__cause__ = e
+                break
+            if not isinstance(row, dict):
+                bad_line = UserError(
+                    f"{origin} line {number} is a JSON {type(row).__name__}, not an object with fields."
+                )
+                break
+            row["_line"] = number
+            rows.append(row)
+    if bad_line is not None:
+        raise bad_line
     if not rows:
         raise UserError(f"{origin} has no rows; use the benchmark's own jsonl file.")
     return rows
