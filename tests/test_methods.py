@@ -741,3 +741,33 @@ def test_row_split_for_odd_kv_heads_equals_dense_attention(monkeypatch, threads)
         for st, got, ref in zip(stages, sc, want_sc):
             assert got is None or (got - ref).abs().max() <= 1e-5
     assert 3 * threads in calls and (3 in calls) == (threads == 4)
+
+
+def test_rows_that_see_no_key_of_a_stage_are_found_from_positions_without_a_host_read(monkeypatch):
+    """A tile's rows that see none of a banded stage's keys (the remainder, for queries whose window still covers
+    it) have a -inf row max, on which torch's row softmax gives NaN; the explicit path tells them from positions
+    (`_all_rows_see_a_key`), so the tile loop reads no device tensor on the host. The test: the predicate = "every
+    row of the band mask has a visible key", for bands with and without an upper bound; and with Tensor.__bool__
+    and .item() refused, attention where a tile is split between rows that see the remainder and rows that do
+    not (queries 232..247 with q_tile 16: 232 and 233 see none of it) = dense attention, without NaN."""
+    g = torch.Generator().manual_seed(1)
+    for band in [(0, 7), (0, kernels.INF), (5, kernels.INF), (3, 40), (0, 0)]:
+        for _ in range(60):
+            q0, tq, k0, nk = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in [(0, 99), (1, 40)] * 2)
+            ok = kernels._tile_mask(q0, q0 + tq, k0, k0 + nk, band, "cpu")
+            want = ok is None or bool(ok.any(dim=1).all())
+            assert kernels._all_rows_see_a_key(q0, q0 + tq, k0, k0 + nk, band) == want, (band, q0, tq, k0, nk)
+    stages, pos = _random_stages("cpu", torch.float32)
+    stages[2].k_start = 170
+    want, want_sc = _dense_joint_attention(stages, pos, 32**-0.5)
+
+    def refused(*a):
+        raise AssertionError("a device tensor read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", refused)
+    monkeypatch.setattr(torch.Tensor, "item", refused)
+    for fused in (True, False):
+        out, sc = kernels.multi_stage_attention(stages, pos, 32**-0.5, 16, fused=fused)
+        assert not out.isnan().any().tolist() and (out - want).abs().max().tolist() <= 1e-5
+        for got, ref in zip(sc, want_sc):
+            assert got is None or (got - ref).abs().max().tolist() <= 1e-5

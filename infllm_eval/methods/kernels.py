@@ -213,115 +213,158 @@ def multi_stage_attention(
     stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64, fused: bool = True,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Joint-softmax attention over `stages`; returns output [B, H, L, D] and, per stage, the summed
-    probabilities [B, H, T] (or None). Math is fp32. Query positions are contiguous (q_pos[0] + arange(L)) and so
-    are each banded stage's key positions; per tile only the keys a band can make visible are computed, and the
-    mask is applied only where a tile straddles a band edge. Every query must see at least one key (the methods
-    always put the query itself in the first stage).
-
-    Stages after the first without a band (InfLLM's retrieved units + initial tokens) go through a fused kernel
-    (`fused_backend`: CPU flash, flash-attn or SDPA's memory-efficient kernel on CUDA) and join the softmax through
-    their log-sum-exp (their scores, when wanted, are recomputed from the joint log-sum-exp); the others are
-    computed per query tile (a stage in which every query of the tile sees a key takes torch's row softmax in place
-    and joins through its log-sum-exp too), with the joint normalisation deferred to the [tile, D] output.
-    `fused=False` (a method's `fattn: false`) runs every stage on the explicit tiled path, a single stage without
-    scores included. `out` (any strides, e.g. a view of the engine's buffer) receives the output when
-    given."""
-    q0 = stages[0].q
-    B, H, L, D = q0.shape
-    H_kv = stages[0].k.shape[1]
-    G = H // H_kv
+    """One softmax over the keys of all `stages`: output [B, H, L, D] (into `out`, any strides, when given) and,
+    per stage, its keys' probabilities summed over the queries [B, H, T] (None unless it wants scores). Math is
+    fp32. Query positions are contiguous (q_pos[0] + arange(L)), as are a banded stage's key positions; every
+    query sees at least one key (the methods put the query itself in the first stage). Steps:
+    1. `_fused_stages`: the stages after the first without a band (InfLLM's retrieved units + initial tokens)
+       through a fused kernel, joined into one (output, log-sum-exp); not with `fused=False` (`fattn: false`);
+    2. per query tile, `_Explicit.logits`: the other stages' logits over the keys a band lets the tile see;
+    3. `_join_softmax`: numerator (times V) and denominator of the joint softmax, stages joined by log-sum-exp;
+    4. the probabilities per key of the stages that want them (InfLLM's representative tokens, lru-s credit);
+    5. the tile's output: numerator / denominator."""
+    B, H, L, D = stages[0].q.shape
     p0 = int(q_pos[0])
-    scores_out = [
-        torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=q0.device) if st.want_scores else None
-        for st in stages
-    ]
-    out = q0.new_empty(B, H, L, D) if out is None else out
+    scores = [torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=st.q.device) if st.want_scores else None
+              for st in stages]
+    out = stages[0].q.new_empty(B, H, L, D) if out is None else out
     if fused and len(stages) == 1 and not stages[0].want_scores:
-        return _single_stage_sdpa(stages[0], p0, scale, out), scores_out
-    joined, o_f, lse_f = [], None, None  # stages that went through the fused kernel
-    for i in range(1, len(stages)):  # combine the fused stages: lse = logaddexp, output weighted by exp(lse_i - lse)
-        r = _fused_stage(stages[i], scale) if fused else None
-        if r is None:
-            continue
-        joined.append(i)
-        o_i, lse_i = r
-        if o_f is None:
-            o_f, lse_f = o_i, lse_i
-        else:
+        return _single_stage_sdpa(stages[0], p0, scale, out), scores
+    joined, o_f, lse_f = _fused_stages(stages, scale) if fused else ([], None, None)  # [B, H, L, D], [B, H, L]
+    ex = _Explicit(stages, [i for i in range(len(stages)) if i not in joined], scale, q_tile)
+    for s in range(0, L, q_tile):
+        e = min(L, s + q_tile)
+        rows = (B, ex.H_kv, ex.G, e - s)  # the tile's query rows: head kv_head * G + g, query s + t
+        fused_tile = None if o_f is None else (o_f[:, :, s:e].reshape(*rows, D), lse_f[:, :, s:e].reshape(*rows, 1))
+        parts = ex.logits(s, e, p0)  # 2. logits [*rows, visible keys] per explicit stage
+        acc, denom, m = _join_softmax(parts, fused_tile)  # 3. [*rows, D], [*rows, 1], [*rows, 1]
+        for i in joined:  # 4. a fused kernel returns no probabilities: recomputed from the joint log-sum-exp
+            if scores[i] is not None:
+                scores[i] += _fused_probs(stages[i], s, e, scale, m + denom.log())
+        inv = denom.reciprocal_()  # [*rows, 1]
+        for p in parts:
+            if scores[p.i] is not None:  # 4. lg * weight / denom, summed over the tile's queries
+                f = inv if p.weight is None else p.weight * inv
+                scores[p.i][:, :, p.a : p.b] += torch.matmul(f.transpose(-1, -2), p.lg).view(B, H, p.b - p.a)
+        out[:, :, s:e] = acc.mul_(inv).reshape(B, H, e - s, D).to(out.dtype)  # 5.
+    return out, scores
+
+
+def _fused_stages(stages: list[Stage], scale: float) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """Step 1: the stages after the first that `_fused_stage` takes, merged: (their indices, output [B, H, L, D],
+    log-sum-exp [B, H, L]); lse = logaddexp of theirs, output weighted by exp(lse_i - lse)."""
+    joined, o_f, lse_f = [], None, None
+    for i in range(1, len(stages)):
+        r = _fused_stage(stages[i], scale)
+        if r is not None:
+            joined.append(i)
+            o_i, lse_i = r
+            if o_f is None:
+                o_f, lse_f = o_i, lse_i
+                continue
             new = torch.logaddexp(lse_f, lse_i)
             o_f = o_f * (lse_f - new).exp_()[..., None] + o_i * (lse_i - new).exp_()[..., None]
             lse_f = new
-    rest = [i for i in range(len(stages)) if i not in joined]
-    qs = {i: stages[i].q.float() * scale for i in rest}
-    n_tile = B * H_kv * G * min(q_tile, L)
-    split = _row_split(B * H_kv, G * min(q_tile, L), q0.device)
-    ks = {i: _split_kv(stages[i].k, split, ("k", i)) for i in rest}  # [B, H_kv, split, T, D]
-    vs = {i: _split_kv(stages[i].v, split, ("v", i)) for i in rest}
-    bufs = {i: _scratch(i, n_tile * stages[i].k.shape[2], q0.device) for i in rest}  # logits, reused by every tile
-    for s in range(0, L, q_tile):
-        e = min(L, s + q_tile)
-        tq = e - s
-        sp = split if (G * tq) % split == 0 else 1  # a short last tile may not divide
+    return joined, o_f, lse_f
+
+
+def _fused_probs(st: Stage, s: int, e: int, scale: float, lse: torch.Tensor) -> torch.Tensor:
+    """A fused stage's probabilities for queries [s, e) given the joint log-sum-exp lse [B, H_kv, G, tq, 1], summed
+    over those queries: [B, H, T]."""
+    B, H_kv, G, tq, _ = lse.shape
+    qt = (st.q[:, :, s:e].float() * scale).reshape(B, H_kv, G * tq, -1)
+    p = torch.matmul(qt, st.k.float().transpose(-1, -2)).view(B, H_kv, G, tq, -1).sub_(lse).exp_()
+    return p.sum(dim=3).reshape(B, H_kv * G, -1)
+
+
+def _all_rows_see_a_key(q0: int, q1: int, k0: int, k1: int, band) -> bool:
+    """Whether every query position in [q0, q1) sees a key among positions [k0, k1) (k1 > k0), from positions alone
+    (no read of device logits): the keys a query sees are an interval sliding with it, so the first and the last
+    query decide."""
+    if band is None:
+        return True
+    lo, hi = band
+    return lo <= hi and q0 - lo >= k0 and (q1 - 1) - hi <= k1 - 1
+
+
+@dataclass
+class _Part:
+    """One explicit stage's share of a query tile: its keys [a, b) visible to some query of the tile."""
+
+    i: int  # index into `stages`
+    a: int
+    b: int
+    lg: torch.Tensor  # [B, H_kv, G, tq, b - a]: logits, -inf out of band; probabilities after `_join_softmax`
+    v: torch.Tensor  # values [nb, b - a, D] as bmm operand (nb = B * H_kv * sp, see `_Explicit.logits`)
+    all_rows: bool  # every query of the tile sees some key of it (`_all_rows_see_a_key`)
+    weight: torch.Tensor | None = None  # [B, H_kv, G, tq, 1]: turns lg into exp(logit - m); None = lg is that
+
+
+class _Explicit:
+    """The stages off the fused kernel, prepared once for the tile loop: queries in fp32 times `scale`
+    [B, H, L, D]; K/V in fp32 [B, H_kv, split, T, D] (`_split_kv`: each KV head's query rows go to `split` bmm
+    problems, `_row_split`); a logits buffer per stage (`_scratch`), reused by every tile."""
+
+    def __init__(self, stages: list[Stage], idx: list[int], scale: float, q_tile: int):
+        B, H, L, _ = stages[0].q.shape
+        self.stages, self.idx, self.H_kv = stages, idx, stages[0].k.shape[1]
+        self.G, dev, n_rows = H // self.H_kv, stages[0].q.device, B * H * min(q_tile, L)  # rows of a full tile
+        self.split = _row_split(B * self.H_kv, self.G * min(q_tile, L), dev)
+        self.q = {i: stages[i].q.float() * scale for i in idx}
+        self.k = {i: _split_kv(stages[i].k, self.split, ("k", i)) for i in idx}
+        self.v = {i: _split_kv(stages[i].v, self.split, ("v", i)) for i in idx}
+        self.buf = {i: _scratch(i, n_rows * stages[i].k.shape[2], dev) for i in idx}
+
+    def logits(self, s: int, e: int, p0: int) -> list[_Part]:
+        """Step 2, queries [s, e) at positions p0 + s ..: per stage, logits over the keys some query of the tile
+        sees, masked where the tile straddles a band edge; stages of which it sees no key are left out."""
+        B, H_kv, G, tq = self.stages[0].q.shape[0], self.H_kv, self.G, e - s
+        sp = self.split if (G * tq) % self.split == 0 else 1  # a short last tile may not divide
         nb, rows = B * H_kv * sp, G * tq // sp  # bmm problems: each KV head's query rows cut into sp parts
-        logits, spans = {}, {}
-        for i in rest:
-            st = stages[i]
-            T = st.k.shape[2]
+        parts = []
+        for i in self.idx:
+            st = self.stages[i]
+            T, D = st.k.shape[2:]
             a, b = (0, T) if st.band is None else _visible_range(p0 + s, p0 + e - 1, st.k_start, T, st.band)
-            spans[i] = (a, b)
             if b == a:
                 continue
-            qt = qs[i][:, :, s:e].reshape(nb, rows, D)
-            lg = bufs[i][: B * H_kv * G * tq * (b - a)].view(nb, rows, b - a)
-            torch.bmm(qt, ks[i][:, :, :sp, a:b].reshape(nb, b - a, D).transpose(-1, -2), out=lg)
+            lg = self.buf[i][: B * H_kv * G * tq * (b - a)].view(nb, rows, b - a)
+            torch.bmm(self.q[i][:, :, s:e].reshape(nb, rows, D),
+                      self.k[i][:, :, :sp, a:b].reshape(nb, b - a, D).transpose(-1, -2), out=lg)
             lg = lg.view(B, H_kv, G, tq, b - a)
+            q0, k0, k1 = p0 + s, st.k_start + a, st.k_start + b
             if st.band is not None:
-                _mask_band_edges(lg, p0 + s, p0 + e, st.k_start + a, st.k_start + b, st.band)
-            logits[i] = lg
-        # one softmax over all stages without concatenating them. A stage whose every query sees a key of it
-        # takes torch's fused row softmax in place (one kernel, rows in cache) and joins the others through its
-        # log-sum-exp, lse_i = max_i - log(max of its probabilities); a stage with a fully masked row (e.g. the
-        # remainder for queries whose window still covers it) is exponentiated against the shared max m instead
-        maxes = {i: lg.amax(dim=-1, keepdim=True) for i, lg in logits.items()}  # [B, H_kv, G, tq, 1]
-        m = torch.stack(list(maxes.values())).amax(dim=0)
-        lse_t = None
-        if o_f is not None:
-            lse_t = lse_f[:, :, s:e].reshape(B, H_kv, G, tq, 1)
-            m = torch.maximum(m, lse_t)
-        denom = acc = None
-        weight = {}  # per stage: row factor from its probabilities to exp(logit - m), or None (already so)
-        for i, lg in logits.items():
-            a, b = spans[i]
-            if torch.isneginf(maxes[i]).any():
-                lg.sub_(m).exp_()  # unnormalised probabilities against the shared max
-                rs, weight[i] = lg.sum(dim=-1, keepdim=True), None
-            else:
-                torch.ops.aten._softmax.out(lg, -1, False, out=lg)
-                rs = weight[i] = (maxes[i] - lg.amax(dim=-1, keepdim=True).log_() - m).exp_()  # exp(lse_i - m)
-            denom = rs.clone() if denom is None else denom.add_(rs)
-            o = torch.bmm(lg.view(nb, rows, b - a), vs[i][:, :, :sp, a:b].reshape(nb, b - a, D))
-            o = o.view(B, H_kv, G, tq, D)
-            if weight[i] is not None:
-                o.mul_(weight[i])
-            acc = o if acc is None else acc.add_(o)
-        if o_f is not None:
-            w = (lse_t - m).exp_()  # weight of the fused stages [B, H_kv, G, tq, 1]
-            denom = denom.add_(w)
-            acc = acc.add_(o_f[:, :, s:e].reshape(B, H_kv, G, tq, D) * w)
-        for i in joined:
-            if scores_out[i] is not None:  # e.g. lru-s credit: probabilities from the joint log-sum-exp
-                st = stages[i]
-                lse_all = m + denom.log()  # [B, H_kv, G, tq, 1]
-                qt = (st.q[:, :, s:e].float() * scale).reshape(B, H_kv, G * tq, D)
-                p = torch.matmul(qt, st.k.float().transpose(-1, -2)).view(B, H_kv, G, tq, -1).sub_(lse_all).exp_()
-                scores_out[i] += p.sum(dim=3).reshape(B, H, -1)
-        inv = denom.reciprocal_()  # [B, H_kv, G, tq, 1]
-        for i, lg in logits.items():
-            if scores_out[i] is not None:  # sum over the tile's queries of the normalised probabilities
-                a, b = spans[i]
-                f = inv if weight[i] is None else weight[i] * inv
-                sc = torch.matmul(f.transpose(-1, -2), lg)  # [B, H_kv, G, 1, b-a]
-                scores_out[i][:, :, a:b] += sc.view(B, H, b - a)
-        out[:, :, s:e] = acc.mul_(inv).reshape(B, H, tq, D).to(out.dtype)
-    return out, scores_out
+                _mask_band_edges(lg, q0, q0 + tq, k0, k1, st.band)
+            v = self.v[i][:, :, :sp, a:b].reshape(nb, b - a, D)
+            parts.append(_Part(i, a, b, lg, v, _all_rows_see_a_key(q0, q0 + tq, k0, k1, st.band)))
+        return parts
+
+
+def _join_softmax(parts: list[_Part], fused_tile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3 on one tile, rows [B, H_kv, G, tq]: (acc [.., D] = sum of exp(logit - m) * value over all keys,
+    denom [.., 1] = sum of exp(logit - m), m [.., 1] the shared row max); `fused_tile`: the fused stages' (output
+    [.., D], log-sum-exp [.., 1]) or None. A part where every row sees a key takes torch's row softmax in place
+    (one kernel, rows in cache), joined by its lse_i = max_i - log(max probability): weight exp(lse_i - m). A
+    part with a row that sees none of its keys (the remainder, for queries whose window still covers it) would
+    get NaN from it (-inf row max), so it is exponentiated against m, finite as every row sees some key. Which
+    case holds comes from positions (`_all_rows_see_a_key`): no device tensor is read on the host."""
+    maxes = [p.lg.amax(dim=-1, keepdim=True) for p in parts]
+    m = torch.stack(maxes).amax(dim=0)
+    if fused_tile is not None:
+        m = torch.maximum(m, fused_tile[1])
+    acc = denom = None
+    for p, mx in zip(parts, maxes):
+        if p.all_rows:
+            torch.ops.aten._softmax.out(p.lg, -1, False, out=p.lg)
+            rs = p.weight = (mx - p.lg.amax(dim=-1, keepdim=True).log_() - m).exp_()  # exp(lse_i - m)
+        else:
+            rs = p.lg.sub_(m).exp_().sum(dim=-1, keepdim=True)
+        denom = rs.clone() if denom is None else denom.add_(rs)
+        o = torch.bmm(p.lg.view(p.v.shape[0], -1, p.b - p.a), p.v).view(*p.lg.shape[:-1], p.v.shape[-1])
+        if p.weight is not None:
+            o.mul_(p.weight)
+        acc = o if acc is None else acc.add_(o)
+    if fused_tile is not None:
+        w = (fused_tile[1] - m).exp_()  # weight of the fused stages
+        denom, acc = denom.add_(w), acc.add_(fused_tile[0] * w)
+    return acc, denom, m
