@@ -11,10 +11,12 @@ repeat (its bug §2.12.5); this module always does both (the reference's configs
 
 from __future__ import annotations
 
+from infllm_eval.methods import METHODS
 from infllm_eval.methods.base import ContextMethod, KVBuffer
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 
 
+@METHODS.register("full")
 class FullAttention(ContextMethod):
     name = "full"
     position_scheme = "true"

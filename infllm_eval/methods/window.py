@@ -21,7 +21,7 @@ class WindowMethod(ContextMethod):
     def validate(self) -> None:
         super().validate()
         for key in ("n_local", "n_init"):
-            v = self.params.get(key)
+            v = self.params[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "n_local" else 0):
                 raise UserError(f"method.params.{key} must be a {'positive' if key == 'n_local' else 'non-negative'}"
                                 f" integer, got {v!r}.")
