@@ -95,7 +95,16 @@ class ContextMethod:
         keeps (the next layer overwrites them)."""
         raise NotImplementedError
 
-    # -- accounting for `infllm-eval bench` ---------------------------------------------------------------------
+    # -- accounting for `infllm-eval plan` and `infllm-eval bench` ----------------------------------------------
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """What this method keeps per layer once the context holds `length` tokens (prompt + generated), prefilled in
+        chunks of `chunk` tokens (<= the prompt), on a `device` of type "cuda" or "cpu"; from `params` alone (no
+        model): `device_tokens` / `host_tokens`, the tokens whose K/V sit on the compute device / are offloaded to
+        host memory, and `workspace_keys`, the most keys one query tile is scored against (the fp32 score
+        workspace). Every method states its own: none is assumed to behave like full attention."""
+        raise UserError(f"Method '{self.name}' ({type(self).__module__}.{type(self).__name__}) defines no "
+                        f"memory_model(), which plan and bench need to estimate its memory; add one.")
+
     def attended_keys(self, p: int) -> int:
         """How many keys the query at absolute position p attends to (the attention work this method does)."""
         return p + 1

@@ -37,3 +37,7 @@ class FullAttention(ContextMethod):
         out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
                                        fused=self.fattn, out=out)
         return out
+
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """Every token's K/V on the device; a query tile is scored against all of them."""
+        return {"device_tokens": length, "host_tokens": 0, "workspace_keys": length}

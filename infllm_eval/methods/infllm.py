@@ -295,6 +295,20 @@ class InfLLM(ContextMethod):
         rest = min(beyond - init, (self.block_size + self.exc) // 2)
         return min(p + 1, self.n_local) + init + min(n_units, self.topk) * self.block_size + rest
 
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """On the device: the remainder buffer (local window + not-yet-packed tokens, its capacity in `attend`), the
+        initial tokens and the cached units (max(topk, max_cached_block) of them when offloading, else every unit);
+        with offloading, every unit (length - n_local - n_init tokens) in host memory. A query tile is
+        scored against the window, the initial tokens, topk units and one execution block of remainder."""
+        p = self.params
+        window = 2 * (p["n_local"] + p["block_size"] + p["exc_block_size"]) + p["n_init"]
+        units = max(0, length - p["n_local"] - p["n_init"])
+        offload = self.offloads(device)
+        cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units
+        keys = p["n_local"] + p["n_init"] + p["topk"] * p["block_size"] + p["exc_block_size"]
+        return {"device_tokens": window + cached, "host_tokens": units if offload else 0,
+                "workspace_keys": min(keys, length)}
+
     def kv_bytes(self, states: list) -> dict[str, int]:
         """Stored tokens' K/V: units offloaded to the host count as offloaded; everything else (window and
         remainder, initial tokens, representative vectors, occupied device cache slots) as on the device."""
