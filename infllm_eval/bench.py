@@ -20,8 +20,8 @@ decoded greedily. Measured per (method, length):
   the method's memory has filled, where the whole-prompt figure also averages over the cheaper first chunks.
 
 Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
-of `bench.warmup_tokens`. Lengths whose estimated K/V
-(plus weights) would not fit in the available memory are recorded as `skipped` with the estimate. Results go to
+of `bench.warmup_tokens`. A (method, length) whose K/V, as the method estimates it (`memory_model`), would not fit
+in `bench.memory_fraction` of the available memory is recorded as `skipped` with the estimate. Results go to
 `<bench.output_dir>/bench.csv` (tidy, one row per method x length), `bench.md`, and two PNG plots; with
 `bench.prompt_build_length` > 0 also the time to build one passkey prompt of that many tokens (`prompt_build.csv`).
 """
@@ -105,10 +105,13 @@ def useful_flops(engine: Engine, start: int, n: int, with_lm_head: int) -> float
     return linear_flops_per_token(engine.model) * n + per_key * keys + head
 
 
-def _estimate_kv_bytes(engine: Engine, length: int) -> int:
-    """Upper bound of the K/V a method keeps at `length` (every token's K and V, as full attention / offload)."""
+def kv_need_bytes(engine: Engine, length: int, chunk_size: int) -> int:
+    """The K/V the method says it keeps at `length` tokens (`memory_model`) in the memory this run measures: the
+    device's, plus host memory on CPU, where the two are one."""
     s = engine.spec
-    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * length * torch.finfo(s.dtype).bits // 8
+    mem = engine.method.memory_model(length, min(chunk_size, length), engine.device.type)
+    tokens = mem["device_tokens"] + (mem["host_tokens"] if engine.device.type == "cpu" else 0)
+    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * tokens * torch.finfo(s.dtype).bits // 8
 
 
 def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: int) -> dict:
@@ -247,12 +250,12 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         warm_up(eng, cfg)
         cell_peak = matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size))
         avail = psutil.virtual_memory().available if lm.device.type == "cpu" else torch.cuda.mem_get_info(lm.device)[0]
-        need = _estimate_kv_bytes(eng, length)
+        need = kv_need_bytes(eng, length, int(cfg.chunk_size))
         row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                "chunk_size": int(cfg.chunk_size),
                "attention_backend": eng.method.attention_backend(lm.device, lm.dtype),
                "cell_peak_gflop_s": round(cell_peak / 1e9, 1), "status": "ok"}
-        if method == "full" and need > float(b.memory_fraction) * avail:
+        if need > float(b.memory_fraction) * avail:
             row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
         else:
             ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(int(cfg.seed) + length))

@@ -24,7 +24,8 @@ GROUPS = ("model", "method", "task")
 def group_options(group: str) -> dict[str, str]:
     """name -> one-line description, read from conf/<group>/*.yaml (and plugin folders' conf/<group>/, see
     `paths.conf_dirs`) without composing (instant); `task` also lists the task files (`tasks.hydra_group`). A name
-    defined twice is refused: Hydra would pick one silently."""
+    defined twice is refused: Hydra would pick one silently. Files whose name starts with "_" are shared parts
+    that others extend (`conf/method/_base.yaml`), not options."""
     out: dict[str, str] = {}
     seen: dict[str, Path] = {}
     if group == "task":
@@ -38,6 +39,8 @@ def group_options(group: str) -> dict[str, str]:
             if p.stem in seen:
                 raise UserError(f"{group} '{p.stem}' is defined twice ({seen[p.stem]} and {p}); rename one.")
             seen[p.stem] = p
+            if p.stem.startswith("_"):
+                continue
             data = yaml.safe_load(p.read_text()) or {}
             out[p.stem] = str(data.get("description", "")).strip()
     return out

@@ -3,13 +3,15 @@
 Memory model (bytes; b = bytes per element of the run's dtype, kv = 2 * n_kv_heads * head_dim * b per token
 per layer, C = min(chunk_size, length), T = length + max_new_tokens):
 - weights: the parameter count from the model's shape (embeddings, attention, MLP, norms, untied LM head) * b;
-- KV on the device, all layers: full (and NTK / PI) T tokens; streamingllm / lminfinite their window buffer,
-  n_init + n_local + 2C + 64 tokens; infllm its local window + remainder buffer (2 * (n_local + block_size + exc_block_size)),
-  n_init, and the device cache of max(topk, max_cached_block) units of block_size tokens when offloading (all
-  units without offloading); infllm's offloaded units (T - n_local - n_init tokens) count as host memory;
-- workspace of one layer: the fp32 score tile (n_heads * q_tile * visible keys * 4) plus the chunk's
-  activations (q/k/v/o and the MLP: C * (2 * hidden + (n_heads + 2 n_kv_heads) * head_dim + 3 * intermediate)
-  * b).
+- KV, all layers: the tokens each method says it keeps on the device and in host memory at T tokens
+  (`ContextMethod.memory_model`, from its params alone): full (and NTK / PI) T tokens; streamingllm / lminfinite
+  their window buffer, n_init + n_local + 2C + 64 tokens; infllm its local window + remainder buffer
+  (2 * (n_local + block_size + exc_block_size)), n_init, and the device cache of max(topk, max_cached_block) units
+  of block_size tokens when offloading (all units without offloading); infllm's offloaded units
+  (T - n_local - n_init tokens) count as host memory;
+- workspace of one layer: the fp32 score tile (n_heads * q_tile * the keys the method scores a tile against
+  * 4; q_tile is `method.params.q_tile`, the value the method runs with) plus the chunk's activations (q/k/v/o
+  and the MLP: C * (2 * hidden + (n_heads + 2 n_kv_heads) * head_dim + 3 * intermediate) * b).
 On CPU, host and device are the same memory, so the peak is the sum. These are estimates (allocator slack and
 framework overhead are not counted): good for "does it fit", not for the last gigabyte. The model's shape
 comes from a cached config.json (model.path or the local Hugging Face cache, never a download), else
@@ -35,7 +37,6 @@ SHAPE_KEYS = (
     "num_key_value_heads",
 )
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-Q_TILE = 64  # = ContextMethod.q_tile (plan imports no torch; tests/test_plan.py keeps the two equal)
 GIB = 2**30
 
 
@@ -102,33 +103,23 @@ def _dtype_bytes(dtype: str, device: str) -> tuple[str, int]:
 
 
 def estimate(cfg: DictConfig, length: int, device: str) -> dict:
-    """Estimated bytes for one sample of `length` tokens: weights, device KV, host KV, workspace, peak."""
+    """Estimated bytes for one sample of `length` tokens: weights, device KV, host KV, workspace, peak. The method
+    (its class, from the registry; torch is imported here, not when plan is) says what it keeps."""
+    from infllm_eval.methods import make_method
+
+    method = make_method(cfg.method)
     s = model_shape(cfg.model)
     dtype, b = _dtype_bytes(str(cfg.dtype), device)
-    p = OmegaConf.to_container(cfg.method.params, resolve=True) or {}
     L, H, Hkv, D = s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
     T = length + _max_new_tokens(cfg)
     C = min(int(cfg.chunk_size), length)
     kv = 2 * Hkv * D * b  # per token per layer
-    kind = _method_kind(cfg.method)
-    host_tokens = 0
-    if kind == "infllm":
-        window = 2 * (p["n_local"] + p["block_size"] + p["exc_block_size"]) + p["n_init"]
-        units = max(0, T - p["n_local"] - p["n_init"])
-        offload = device == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
-        cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units
-        device_tokens, host_tokens = window + cached, (units if offload else 0)
-        keys = p["n_local"] + p["n_init"] + p["topk"] * p["block_size"] + p["exc_block_size"]
-    elif kind == "window":
-        device_tokens = p["n_init"] + p["n_local"] + 2 * C + 64
-        keys = p["n_init"] + p["n_local"] + Q_TILE
-    else:
-        device_tokens, keys = T, T
-    work = H * min(Q_TILE, C) * min(keys, T) * 4
+    mem = method.memory_model(T, C, device)
+    work = H * min(method.q_tile, C) * mem["workspace_keys"] * 4
     work += C * (2 * s["hidden_size"] + (H + 2 * Hkv) * D + 3 * s["intermediate_size"]) * b
     work += s["vocab_size"] * 4
     weights = n_params(s) * b
-    kv_device, kv_host = device_tokens * kv * L, host_tokens * kv * L
+    kv_device, kv_host = mem["device_tokens"] * kv * L, mem["host_tokens"] * kv * L
     return {
         "dtype": dtype,
         "weights": weights,
@@ -137,15 +128,6 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
         "workspace": work,
         "peak": weights + kv_device + work + (kv_host if device == "cpu" else 0),
     }
-
-
-def _method_kind(method: DictConfig) -> str:
-    params = set((method.get("params") or {}).keys())
-    if {"topk", "block_size", "n_local"} <= params:
-        return "infllm"
-    if {"n_init", "n_local"} <= params:
-        return "window"
-    return "full"
 
 
 def _max_new_tokens(cfg: DictConfig) -> int:
@@ -194,7 +176,7 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None) -> list[d
         cfg = compose(overrides)
         from infllm_eval.methods import make_method
 
-        make_method(cfg.method)
+        make_method(cfg.method)  # a bad method parameter is named before anything else is looked at
         device = _resolve_device(str(cfg.device))
         budget = budget_bytes(budget_gb, device)
         lengths, per, note = _samples_per_length(cfg)

@@ -116,6 +116,29 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     assert prov["versions"]["torch"] == torch.__version__
 
 
+def test_bench_skips_a_length_whose_kv_the_method_says_cannot_fit(monkeypatch):
+    """The fit decision asks the method (`memory_model`), whatever its name: a window method that claimed to keep
+    a trillion tokens is skipped; full attention is skipped at a memory share too small for its K/V."""
+    from infllm_eval.bench import _cell
+    from infllm_eval.methods.streamingllm import StreamingLLM
+
+    class Rows(list):
+        put = list.append
+
+    common = ["model=tiny-llama", "bench.warmup_tokens=16", "bench.peak_matmul_size=64", "bench.decode_tokens=1",
+              "chunk_size=64"]
+    rows = Rows()
+    _cell(common, "streamingllm", 96, rows)
+    assert rows.pop()["status"] == "ok"
+    monkeypatch.setattr(StreamingLLM, "memory_model",
+                        lambda self, length, chunk, device: {"device_tokens": 10**12, "host_tokens": 0,
+                                                             "workspace_keys": 1})
+    _cell(common, "streamingllm", 96, rows)
+    assert rows.pop()["status"].startswith("skipped: K/V needs ~")
+    _cell([*common, "bench.memory_fraction=1e-9"], "full", 96, rows)
+    assert rows.pop()["status"].startswith("skipped: K/V needs ~")
+
+
 def test_bench_rejects_bad_settings_before_loading_anything(tmp_path):
     with pytest.raises(UserError, match="bench.decode_tokens"):
         run_bench(["model=tiny-llama", "bench.decode_tokens=-1", f"bench.output_dir={tmp_path}"])

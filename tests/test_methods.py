@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 from infllm_reference import DenseInfLLM, DenseWindow
+from omegaconf import OmegaConf
 
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
@@ -19,9 +20,20 @@ from infllm_eval.methods.memory import SideStream, SlidingKV
 from infllm_eval.methods.streamingllm import StreamingLLM
 
 ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]  # GQA (llama, mistral) and non-GQA (qwen2)
-SMALL = dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32, max_cached_block=4,
-             cache_strategy="lru", score_decay=None, chunk_topk_calc=None, perhead=False, base=None,
-             distance_scale=None, global_distance=None, prefill_mask_fix=True, offload=False)
+
+
+def conf_params(method: str) -> dict:
+    """`method.params` of conf/method/<method>.yaml as composed: the code holds no defaults, so a method built
+    directly takes every key from its config."""
+    from infllm_eval.config import compose
+
+    return OmegaConf.to_container(compose([f"method={method}"]).method.params)
+
+
+FULL, STREAMING, LMINFINITE = conf_params("full"), conf_params("streamingllm"), conf_params("lminfinite")
+SMALL = dict(conf_params("infllm"), n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32,
+             max_cached_block=4, cache_strategy="lru", score_decay=None, chunk_topk_calc=None, perhead=False,
+             base=None, distance_scale=None, global_distance=None, prefill_mask_fix=True, offload=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +75,7 @@ def test_full_reproduces_unpatched_model(arch, chunk):
     m = tiny(arch)
     ids = prompt(m, 150)
     ref_logits, ref_tokens = hf_greedy(m, ids, 8)
-    logits, tokens = run(m, FullAttention(), ids, chunk, 8)
+    logits, tokens = run(m, FullAttention(**FULL), ids, chunk, 8)
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert tokens == ref_tokens
 
@@ -87,13 +99,13 @@ def test_engine_buffers_carry_nothing_between_samples(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", [
     InfLLM(**dict(SMALL, n_local=512, exc_block_size=64)),
-    StreamingLLM(n_init=8, n_local=512),
-    LMInfinite(n_init=8, n_local=512),
+    StreamingLLM(**dict(STREAMING, n_init=8, n_local=512)),
+    LMInfinite(**dict(LMINFINITE, n_init=8, n_local=512)),
 ])
 def test_window_covering_input_equals_full(arch, method):
     m = tiny(arch)
     ids = prompt(m, 300)
-    full_logits, full_tokens = run(m, FullAttention(), ids, 64)
+    full_logits, full_tokens = run(m, FullAttention(**FULL), ids, 64)
     logits, tokens = run(m, method, ids, 64)
     assert (logits - full_logits).abs().max() <= 1e-4
     assert tokens == full_tokens
@@ -111,7 +123,7 @@ def test_infllm_matches_dense_reference(arch, fix, chunk):
     ref_logits, ref_tokens = run(m, DenseInfLLM(**params), ids, chunk)
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert tokens == ref_tokens
-    full_logits, _ = run(m, FullAttention(), ids, chunk)
+    full_logits, _ = run(m, FullAttention(**FULL), ids, chunk)
     assert (logits - full_logits).abs().max() > 1e-3  # the memory really is in play
 
 
@@ -130,8 +142,9 @@ def test_prefill_mask_bug_changes_outputs_and_fix_is_chunk_independent():
 def test_window_methods_match_dense_reference(scheme, cls, chunk):
     m = tiny("tiny-llama")
     ids = prompt(m, 200, seed=3)
-    logits, tokens = run(m, cls(n_init=8, n_local=48), ids, chunk)
-    ref_logits, ref_tokens = run(m, DenseWindow(n_init=8, n_local=48, scheme=scheme), ids, chunk)
+    params = dict(STREAMING if cls is StreamingLLM else LMINFINITE, n_init=8, n_local=48)
+    logits, tokens = run(m, cls(**params), ids, chunk)
+    ref_logits, ref_tokens = run(m, DenseWindow(**dict(params, scheme=scheme)), ids, chunk)
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert tokens == ref_tokens
 
@@ -268,7 +281,7 @@ def test_side_stream_waits_for_queued_work_then_marks_its_copies():
     assert cuda.log == ["side waits main", "enter side", "event 1 on side (inside)", "exit side", "main waits event 1"]
 
 
-@pytest.mark.parametrize("cls,params", [(FullAttention, {}), (StreamingLLM, dict(n_init=8, n_local=64)),
+@pytest.mark.parametrize("cls,params", [(FullAttention, FULL), (StreamingLLM, dict(STREAMING, n_init=8, n_local=64)),
                                         (InfLLM, SMALL)])
 def test_fattn_false_runs_the_explicit_path_with_the_same_outputs(monkeypatch, cls, params):
     """fattn (every method): false sends every stage through the explicit tiled path (no fused kernel, no SDPA),
@@ -328,8 +341,8 @@ def test_chunk_topk_calc_is_stale_by_design_but_runs():
 
 
 @pytest.mark.parametrize("method,bounded", [
-    (InfLLM(**SMALL), True), (StreamingLLM(n_init=8, n_local=64), True), (LMInfinite(n_init=8, n_local=64), True),
-    (FullAttention(), False),
+    (InfLLM(**SMALL), True), (StreamingLLM(**dict(STREAMING, n_init=8, n_local=64)), True),
+    (LMInfinite(**dict(LMINFINITE, n_init=8, n_local=64)), True), (FullAttention(**FULL), False),
 ])
 def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     """Largest score workspace (query tile x keys of all stages) inside attention, at two context lengths."""
@@ -379,25 +392,109 @@ def test_infllm_window_buffer_depends_on_neither_chunk_size_nor_length():
     (dict(faiss=None), "faiss"),
 ])
 def test_invalid_infllm_parameters_rejected(bad, match):
-    cfg = {"name": "infllm", "impl": "infllm_eval.methods.infllm:InfLLM", "params": dict(SMALL, **bad)}
+    cfg = {"name": "infllm", "impl": "infllm", "params": dict(SMALL, **bad)}
     with pytest.raises(UserError, match=match):
         make_method(cfg)
 
 
 def test_every_method_takes_fattn_and_checks_it():
-    for name, impl, params in [("full", "infllm_eval.methods.full:FullAttention", {}),
-                               ("streamingllm", "infllm_eval.methods.streamingllm:StreamingLLM",
-                                {"n_init": 4, "n_local": 64})]:
+    for name, impl, params in [("full", "full", FULL),
+                               ("streamingllm", "streamingllm", dict(STREAMING, n_init=4, n_local=64))]:
         assert make_method({"name": name, "impl": impl, "params": dict(params, fattn=False)}).params["fattn"] is False
         with pytest.raises(UserError, match="fattn must be true"):
             make_method({"name": name, "impl": impl, "params": dict(params, fattn="false")})
 
 
 def test_unknown_method_parameter_rejected():
-    cfg = {"name": "streamingllm", "impl": "infllm_eval.methods.streamingllm:StreamingLLM",
-           "params": {"n_init": 4, "n_local": 64, "topk": 3}}
+    cfg = {"name": "streamingllm", "impl": "streamingllm", "params": dict(STREAMING, n_init=4, n_local=64, topk=3)}
     with pytest.raises(UserError, match="topk"):
         make_method(cfg)
+
+
+def test_impl_is_a_registered_name_never_an_import_path(tmp_path, monkeypatch):
+    """`method.impl` names a class in the METHODS registry; a module path is refused and imports nothing."""
+    import sys
+
+    (tmp_path / "impl_probe_module.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for impl in ("impl_probe_module:Thing", "os:system", "infllm_eval.methods.full:FullAttention"):
+        with pytest.raises(UserError, match=f"Unknown method.impl '{impl}'"):
+            make_method({"name": "x", "impl": impl, "params": FULL})
+    assert "impl_probe_module" not in sys.modules
+    with pytest.raises(UserError, match="Did you mean 'infllm'"):
+        make_method({"name": "infllm", "impl": "infllmm", "params": SMALL})
+    assert type(make_method({"name": "ntk", "impl": "full", "params": FULL})) is FullAttention
+
+
+def test_every_method_config_names_a_registered_class():
+    from infllm_eval.config import compose, group_options
+    from infllm_eval.methods import METHODS
+
+    assert set(METHODS.names()) >= {"full", "streamingllm", "lminfinite", "infllm"}
+    for name in group_options("method"):
+        make_method(compose([f"method={name}"]).method)
+
+
+def test_base_method_config_is_shared_not_a_method():
+    """conf/method/_base.yaml holds the keys every method shares; it is neither listed nor selectable."""
+    from infllm_eval.config import compose, group_options
+
+    assert "_base" not in group_options("method") and "full" in group_options("method")
+    with pytest.raises(UserError, match="Unknown method '_base'"):
+        compose(["method=_base"])
+    for name in ("full", "streamingllm", "infllm"):
+        assert {"base", "distance_scale", "fattn", "q_tile"} <= set(compose([f"method={name}"]).method.params)
+
+
+@pytest.mark.parametrize("cls,params,key", [(FullAttention, FULL, "q_tile"), (StreamingLLM, STREAMING, "fattn"),
+                                            (InfLLM, SMALL, "neighbor_units"), (InfLLM, SMALL, "pin_memory")])
+def test_a_missing_parameter_is_refused_not_defaulted(cls, params, key):
+    """Defaults live in conf/ only: a key the config did not give is an error, not a value the code picks."""
+    with pytest.raises(UserError, match=f"method.params.{key} is missing"):
+        cls(**{k: v for k, v in params.items() if k != key}).validate()
+
+
+def test_q_tile_comes_from_the_config_and_stays_out_of_result_keys(monkeypatch):
+    """The tile the attention runs with is `method.params.q_tile`; it changes speed only, so describe() (the
+    result keys) is the same at any value."""
+    from infllm_eval.config import compose
+
+    tiles = []
+    real = kernels.multi_stage_attention
+
+    def spy(stages, q_pos, scale, q_tile, fused=True, out=None):
+        tiles.append(q_tile)
+        return real(stages, q_pos, scale, q_tile, fused, out)
+
+    monkeypatch.setattr("infllm_eval.methods.full.multi_stage_attention", spy)
+    m = tiny("tiny-llama")
+    methods = {t: make_method(compose(["method=full", f"method.params.q_tile={t}"]).method) for t in (16, 64)}
+    run(m, methods[16], prompt(m, 40), 40, new_tokens=1)
+    assert set(tiles) == {16}
+    assert methods[16].describe() == methods[64].describe() and "q_tile" not in methods[16].describe()
+    with pytest.raises(UserError, match="q_tile must be a positive integer"):
+        make_method(compose(["method=full", "method.params.q_tile=0"]).method)
+
+
+def test_describe_of_the_shipped_methods_is_unchanged():
+    """Result keys of finished runs: describe() of the packaged configs, as recorded before conf/method/_base.yaml
+    and the q_tile key (a change here makes finished runs miss their resume)."""
+    from infllm_eval.config import compose
+
+    def described(*overrides):
+        return make_method(compose(["model=mistral", *overrides]).method).describe()
+
+    assert described("method=full") == {"name": "full", "position_scheme": "true", "base": None,
+                                        "distance_scale": None}
+    assert described("method=streamingllm") == {
+        "name": "streamingllm", "position_scheme": "in-cache (init at 0..n_init-1, query at n_local+n_init-1)",
+        "n_init": 128, "n_local": 6144, "base": 1000000, "distance_scale": None}  # conf/per_model/mistral_*
+    assert described("method=infllm") == {
+        "name": "infllm", "position_scheme": "local: true distance; init + units + remainder: fixed distance",
+        "n_init": 128, "n_local": 4096, "topk": 16, "block_size": 128, "repr_topk": 4, "exc_block_size": 512,
+        "max_cached_block": 32, "cache_strategy": "lru", "score_decay": None, "chunk_topk_calc": None,
+        "perhead": False, "global_distance": None, "prefill_mask_fix": True, "neighbor_units": 0, "offload": "auto",
+        "base": 1000000, "distance_scale": None}
 
 
 @pytest.mark.slow
@@ -407,16 +504,17 @@ def test_full_reproduces_unpatched_smollm2(chunk):
     m = tiny("smollm2")
     ids = prompt(m, 320, seed=7)
     ref_logits, ref_tokens = hf_greedy(m, ids, 8)
-    logits, tokens = run(m, FullAttention(), ids, chunk, 8)
+    logits, tokens = run(m, FullAttention(**FULL), ids, chunk, 8)
     assert (logits - ref_logits).abs().max() <= 1e-3  # 30 layers of fp32; tokens must match exactly
     assert tokens == ref_tokens
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", [
-    FullAttention(), FullAttention(fattn=False), InfLLM(**dict(SMALL, offload=True)),
+    FullAttention(**FULL), FullAttention(**dict(FULL, fattn=False)), InfLLM(**dict(SMALL, offload=True)),
     InfLLM(**dict(SMALL, offload=True, async_global_stream=True)),
-    InfLLM(**dict(SMALL, offload=True, pin_memory=False, faiss=True)), StreamingLLM(n_init=8, n_local=64)])
+    InfLLM(**dict(SMALL, offload=True, pin_memory=False, faiss=True)),
+    StreamingLLM(**dict(STREAMING, n_init=8, n_local=64))])
 def test_cuda_matches_cpu(method):
     """CUDA path (SDPA / pinned host units with a device cache; unit copies on a side stream; unpinned units with
     the representative vectors in host memory) gives the CPU result in fp32."""
@@ -700,7 +798,8 @@ def test_attention_writes_into_a_strided_out_and_methods_fill_the_engines_buffer
         assert got is view and torch.equal(view, want)
     m = tiny("tiny-llama")
     ids = prompt(m, 200, seed=5)
-    for method in (FullAttention(), StreamingLLM(n_init=8, n_local=64), LMInfinite(n_init=8, n_local=64),
+    for method in (FullAttention(**FULL), StreamingLLM(**dict(STREAMING, n_init=8, n_local=64)),
+                   LMInfinite(**dict(LMINFINITE, n_init=8, n_local=64)),
                    InfLLM(**SMALL)):
         eng = Engine(m, method, torch.device("cpu"), torch.float32)
         real, same = method.attend, []

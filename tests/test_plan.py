@@ -35,10 +35,63 @@ def test_kv_per_method_full_grows_streaming_methods_stay_bounded():
 
 
 def test_plan_uses_the_methods_query_tile():
-    from infllm_eval.methods.base import ContextMethod
-    from infllm_eval.plan import Q_TILE
+    """One source: `method.params.q_tile` is the tile the method runs with and the one plan's score workspace uses."""
+    from infllm_eval.methods import make_method
 
-    assert Q_TILE == ContextMethod.q_tile
+    def workspace(method, tile):
+        cfg = compose(["model=mistral", f"method={method}", "dtype=bfloat16", f"method.params.q_tile={tile}"])
+        assert make_method(cfg.method).q_tile == tile
+        return estimate(cfg, 32768, "cuda")["workspace"]
+
+    heads, keys = 32, 32768 + 32  # Mistral's query heads; full attention's keys: the prompt + the answer
+    assert workspace("full", 64) - workspace("full", 32) == heads * (64 - 32) * keys * 4  # fp32 scores
+    window = 128 + 6144  # conf/per_model/mistral_streamingllm.yaml; a tile also sees the tile itself
+    assert workspace("streamingllm", 64) - workspace("streamingllm", 32) == heads * (
+        64 * (window + 64) - 32 * (window + 32)) * 4
+
+
+@pytest.fixture
+def last_n_method(tmp_path, monkeypatch):
+    """A method that is none of the shipped ones, registered here (plan.py knows nothing of it) with its config in
+    a plugin folder: the last `n_last` tokens on the device, everything older offloaded to host memory."""
+    from infllm_eval.methods import METHODS, ContextMethod
+
+    @METHODS.register("test-last-n")
+    class LastN(ContextMethod):
+        name = "test-last-n"
+        param_names = ("n_last", "base", "distance_scale")
+
+        def memory_model(self, length, chunk, device):
+            kept = min(self.params["n_last"], length)
+            return {"device_tokens": kept, "host_tokens": length - kept, "workspace_keys": kept}
+
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "last-n.yaml").write_text(
+        "defaults: [_base, _self_]\nname: last-n\nimpl: test-last-n\ndescription: test\nparams:\n  n_last: 1000\n")
+    monkeypatch.setenv("INFLLM_EVAL_PATH", str(tmp_path))
+    yield LastN
+    METHODS._entries.pop("test-last-n")
+
+
+def test_plan_asks_the_method_for_its_memory_a_new_method_is_not_full_attention(last_n_method):
+    def est(method):
+        return estimate(compose(["model=mistral", f"method={method}", "dtype=bfloat16"]), 32768, "cuda")
+
+    per_token = 128 * 2**10  # Mistral: 32 layers x 8 kv heads x 128 dims x (k, v) x 2 bytes
+    T = 32768 + 32  # + the passkey answer
+    new, full = est("last-n"), est("full")
+    assert new["kv_device"] == 1000 * per_token and new["kv_host"] == (T - 1000) * per_token
+    assert full["kv_device"] == T * per_token and full["kv_host"] == 0
+    assert full["workspace"] - new["workspace"] == 32 * 64 * (T - 1000) * 4  # heads x tile x fewer keys x fp32
+
+
+def test_a_method_without_a_memory_model_is_named_not_guessed(last_n_method, monkeypatch):
+    from infllm_eval.errors import UserError
+    from infllm_eval.methods import ContextMethod
+
+    monkeypatch.setattr(last_n_method, "memory_model", ContextMethod.memory_model)
+    with pytest.raises(UserError, match="defines no memory_model"):
+        estimate(compose(["model=mistral", "method=last-n"]), 4096, "cuda")
 
 
 def test_plan_sweep_lists_cells_and_flags_what_cannot_fit():

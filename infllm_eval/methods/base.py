@@ -4,8 +4,10 @@ The engine runs the model's own modules layer by layer and hands each attention 
 the absolute positions of the new tokens to the method. The method owns that layer's KV state and its position
 scheme, and returns the attention output (before `o_proj`). The engine never checks which method it runs.
 
-A method is one small class: `params` from `conf/method/<name>.yaml`, `validate()` before any weights load,
-`new_state()` per layer per sample, `attend()` per layer per forward call.
+A method is one small class, registered in `infllm_eval.methods.METHODS` under the name configs give as `impl`:
+`params` from `conf/method/<name>.yaml` (every key given there or in `conf/method/_base.yaml`: code holds no
+defaults), `validate()` before any weights load, `new_state()` per layer per sample, `attend()` per layer per forward
+call, and `memory_model()`, what it keeps at a context length, for `plan` and `bench` (no model needed).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ class ContextMethod:
     name: ClassVar[str] = ""
     position_scheme: ClassVar[str] = ""  # recorded in provenance, e.g. "true" / "fixed-distance" / "in-cache"
     param_names: ClassVar[tuple[str, ...]] = ("base", "distance_scale")  # accepted keys of `method.params`
-    #: keys every method accepts on top of its own: `fattn` (the reference's switch between its Triton kernel and
-    #: its torch implementation) = fused attention kernels where the device has one (true) or the explicit tiled
-    #: PyTorch path for every stage (false); both compute the same fp32 softmax (tests), so it changes speed only
-    shared_params: ClassVar[tuple[str, ...]] = ("fattn",)
-    q_tile: int = 64  # queries per attention tile: bounds the score workspace and keeps it in cache (measured)
+    #: keys every method accepts on top of its own (conf/method/_base.yaml): `fattn` (the reference's switch between
+    #: its Triton kernel and its torch implementation) = fused attention kernels where the device has one (true) or
+    #: the explicit tiled PyTorch path for every stage (false); both compute the same fp32 softmax (tests), so it
+    #: changes speed only; `q_tile`, queries per attention tile (bounds the score workspace)
+    shared_params: ClassVar[tuple[str, ...]] = ("fattn", "q_tile")
 
     def __init__(self, **params: Any):
         self.params = params
@@ -50,23 +52,35 @@ class ContextMethod:
         self.rope: Rope | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
+    @property
+    def q_tile(self) -> int:
+        """Queries per attention tile: bounds the score workspace and keeps it in cache (measured)."""
+        return self.params["q_tile"]
+
     def validate(self) -> None:
         """Raise UserError for impossible parameters. Called before any model weights load (subclasses call
         super().validate() first)."""
-        if not isinstance(self.params.get("fattn", True), bool):
+        missing = [k for k in (*self.param_names, *self.shared_params) if k not in self.params]
+        if missing:
+            raise UserError(f"method.params.{missing[0]} is missing for method '{self.name}'; every key comes from "
+                            f"conf/method/ (a method config starts with `defaults: [_base, _self_]`).")
+        if not isinstance(self.params["fattn"], bool):
             raise UserError(f"method.params.fattn must be true (fused attention kernels where the device has one) or "
                             f"false (the explicit PyTorch path), got {self.params['fattn']!r}.")
+        q_tile = self.params["q_tile"]
+        if not isinstance(q_tile, int) or isinstance(q_tile, bool) or q_tile <= 0:
+            raise UserError(f"method.params.q_tile must be a positive integer, got {q_tile!r}.")
 
     def bind(self, model, spec: ModelSpec) -> None:
         """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
         self.spec = spec
-        self.rope = Rope(model, base=self.params.get("base"), distance_scale=self.params.get("distance_scale"))
+        self.rope = Rope(model, base=self.params["base"], distance_scale=self.params["distance_scale"])
         self.scale = spec.head_dim**-0.5
-        self.fattn = bool(self.params.get("fattn", True))
+        self.fattn = bool(self.params["fattn"])
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """The kernel this method's unmasked stages run on (recorded in provenance): see `kernels.fused_backend`."""
-        return fused_backend(device, dtype) if self.params.get("fattn", True) else "explicit"
+        return fused_backend(device, dtype) if self.params["fattn"] else "explicit"
 
     def new_state(self, layer_idx: int) -> Any:
         raise NotImplementedError
@@ -81,7 +95,16 @@ class ContextMethod:
         keeps (the next layer overwrites them)."""
         raise NotImplementedError
 
-    # -- accounting for `infllm-eval bench` ---------------------------------------------------------------------
+    # -- accounting for `infllm-eval plan` and `infllm-eval bench` ----------------------------------------------
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """What this method keeps per layer once the context holds `length` tokens (prompt + generated), prefilled in
+        chunks of `chunk` tokens (<= the prompt), on a `device` of type "cuda" or "cpu"; from `params` alone (no
+        model): `device_tokens` / `host_tokens`, the tokens whose K/V sit on the compute device / are offloaded to
+        host memory, and `workspace_keys`, the most keys one query tile is scored against (the fp32 score
+        workspace). Every method states its own: none is assumed to behave like full attention."""
+        raise UserError(f"Method '{self.name}' ({type(self).__module__}.{type(self).__name__}) defines no "
+                        f"memory_model(), which plan and bench need to estimate its memory; add one.")
+
     def attended_keys(self, p: int) -> int:
         """How many keys the query at absolute position p attends to (the attention work this method does)."""
         return p + 1
@@ -92,14 +115,19 @@ class ContextMethod:
         return {"device": sum(stored_bytes(s) for s in states), "offloaded": 0}
 
     #: parameters added after results were recorded, with the value that reproduces the earlier behaviour; at that
-    #: value they are left out of `describe()`, so finished results keep their keys (they resume and report as one)
+    #: value they are left out of `describe()`, so finished results keep their keys (they resume and report as one).
+    #: Compatibility facts, not defaults (those live in conf/ only): a value here equals today's conf default only
+    #: because the option was added with the old behaviour as its default, and must stay as it is if conf changes
     neutral: ClassVar[dict[str, Any]] = {}
     shared_neutral: ClassVar[dict[str, Any]] = {"fattn": True}
+    #: shared keys that change speed / memory only and never were part of a result key: `describe()` leaves them out
+    undescribed: ClassVar[tuple[str, ...]] = ("q_tile",)
 
     def describe(self) -> dict:
         """Resolved parameters and semantics, for provenance and result keys."""
         neutral = {**self.shared_neutral, **self.neutral}
-        params = {k: v for k, v in self.params.items() if not (k in neutral and v == neutral[k])}
+        params = {k: v for k, v in self.params.items()
+                  if k not in self.undescribed and not (k in neutral and v == neutral[k])}
         return {"name": self.name, "position_scheme": self.position_scheme, **params}
 
 

@@ -11,10 +11,12 @@ repeat (its bug §2.12.5); this module always does both (the reference's configs
 
 from __future__ import annotations
 
+from infllm_eval.methods import METHODS
 from infllm_eval.methods.base import ContextMethod, KVBuffer
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 
 
+@METHODS.register("full")
 class FullAttention(ContextMethod):
     name = "full"
     position_scheme = "true"
@@ -35,3 +37,7 @@ class FullAttention(ContextMethod):
         out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
                                        fused=self.fattn, out=out)
         return out
+
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """Every token's K/V on the device; a query tile is scored against all of them."""
+        return {"device_tokens": length, "host_tokens": 0, "workspace_keys": length}

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from infllm_eval.errors import UserError
+from infllm_eval.methods import METHODS
 from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 from infllm_eval.methods.memory import SideStream, SlidingKV, UnitStore
@@ -50,11 +51,12 @@ from infllm_eval.methods.memory import SideStream, SlidingKV, UnitStore
 
 def _positive(params: dict, *keys: str) -> None:
     for key in keys:
-        v = params.get(key)
+        v = params[key]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise UserError(f"method.params.{key} must be a positive integer, got {v!r}.")
 
 
+@METHODS.register("infllm")
 class InfLLM(ContextMethod):
     name = "infllm"
     position_scheme = "local: true distance; init + units + remainder: fixed distance"
@@ -70,8 +72,8 @@ class InfLLM(ContextMethod):
         super().validate()
         p = self.params
         _positive(p, "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block")
-        if not isinstance(p.get("n_init"), int) or p["n_init"] < 0:
-            raise UserError(f"method.params.n_init must be a non-negative integer, got {p.get('n_init')!r}.")
+        if not isinstance(p["n_init"], int) or p["n_init"] < 0:
+            raise UserError(f"method.params.n_init must be a non-negative integer, got {p['n_init']!r}.")
         if p["n_local"] < p["exc_block_size"]:
             raise UserError(f"method.params.n_local ({p['n_local']}) must be >= exc_block_size "
                             f"({p['exc_block_size']}), as in the reference.")
@@ -80,48 +82,53 @@ class InfLLM(ContextMethod):
         if p["max_cached_block"] < p["topk"]:
             raise UserError(f"method.params.max_cached_block ({p['max_cached_block']}) must be >= topk "
                             f"({p['topk']}); the reference crashes in that case (set max_cached_block >= topk).")
-        if p.get("cache_strategy") not in ("lru", "lru-s"):
-            raise UserError(f"method.params.cache_strategy must be 'lru' or 'lru-s', got {p.get('cache_strategy')!r}.")
-        if p["cache_strategy"] == "lru-s" and not isinstance(p.get("score_decay"), (int, float)):
+        if p["cache_strategy"] not in ("lru", "lru-s"):
+            raise UserError(f"method.params.cache_strategy must be 'lru' or 'lru-s', got {p['cache_strategy']!r}.")
+        if p["cache_strategy"] == "lru-s" and not isinstance(p["score_decay"], (int, float)):
             raise UserError("method.params.score_decay must be a number when cache_strategy is 'lru-s' (e.g. 0.1).")
-        ctc = p.get("chunk_topk_calc")
+        ctc = p["chunk_topk_calc"]
         if ctc is not None and (not isinstance(ctc, int) or ctc < p["exc_block_size"]):
             raise UserError(f"method.params.chunk_topk_calc must be null or an integer >= exc_block_size, got {ctc!r}.")
-        nb = p.get("neighbor_units", 0)
-        extra = bool(p.get("neighbor_extra", False))
+        nb = p["neighbor_units"]
+        extra = bool(p["neighbor_extra"])
         if not isinstance(nb, int) or isinstance(nb, bool) or nb < 0 or (not extra and 3 * nb > p["topk"]):
             raise UserError(f"method.params.neighbor_units must be an integer with 0 <= 3 * neighbor_units <= topk "
                             f"({p['topk']}), got {nb!r} (or set neighbor_extra=true).")
         if extra and p["max_cached_block"] < p["topk"] + 2 * nb:
             raise UserError(f"method.params.max_cached_block ({p['max_cached_block']}) must be >= topk + 2 * "
                             f"neighbor_units ({p['topk'] + 2 * nb}) with neighbor_extra=true.")
-        if nb and p.get("perhead"):
+        if nb and p["perhead"]:
             raise UserError("method.params.neighbor_units works with the shared selection only; set perhead=false.")
-        if p.get("head_reduce", "sum") not in ("sum", "max"):
+        if p["head_reduce"] not in ("sum", "max"):
             raise UserError(f"method.params.head_reduce must be 'sum' (the reference) or 'max', "
-                            f"got {p.get('head_reduce')!r}.")
+                            f"got {p['head_reduce']!r}.")
         for key in ("pin_memory", "async_global_stream", "faiss"):
-            if not isinstance(p.get(key, self.neutral[key]), bool):
+            if not isinstance(p[key], bool):
                 raise UserError(f"method.params.{key} must be true or false, got {p[key]!r}.")
-        if p.get("offload") not in ("auto", True, False):
-            raise UserError(f"method.params.offload must be auto, true or false, got {p.get('offload')!r}.")
+        if p["offload"] not in ("auto", True, False):
+            raise UserError(f"method.params.offload must be auto, true or false, got {p['offload']!r}.")
+
+    def offloads(self, device: str) -> bool:
+        """Whether memory units live in host memory on a device of this type (`offload: auto` = on for CUDA)."""
+        offload = self.params["offload"]
+        return device == "cuda" if offload == "auto" else bool(offload)
 
     def bind(self, model, spec) -> None:
         super().bind(model, spec)
         p = self.params
         self.n_local, self.n_init, self.topk = p["n_local"], p["n_init"], p["topk"]
         self.block_size, self.repr_topk, self.exc = p["block_size"], p["repr_topk"], p["exc_block_size"]
-        self.dist = p["n_local"] - 1 if p.get("global_distance") is None else int(p["global_distance"])
-        self.mask_fix = bool(p.get("prefill_mask_fix", True))
-        self.perhead = bool(p.get("perhead", False))
-        self.offload = spec.device.type == "cuda" if p.get("offload", "auto") == "auto" else bool(p["offload"])
+        self.dist = p["n_local"] - 1 if p["global_distance"] is None else int(p["global_distance"])
+        self.mask_fix = bool(p["prefill_mask_fix"])
+        self.perhead = bool(p["perhead"])
+        self.offload = self.offloads(spec.device.type)
         self.group = spec.n_heads // spec.n_kv_heads
-        async_copies = self.offload and spec.device.type == "cuda" and bool(p.get("async_global_stream", False))
+        async_copies = self.offload and spec.device.type == "cuda" and bool(p["async_global_stream"])
         self.side = SideStream(spec.device) if async_copies else None  # one per run, shared by the layers
 
     def describe(self) -> dict:
-        return {**super().describe(), "prefill_mask_fix": bool(self.params.get("prefill_mask_fix", True)),
-                "neighbor_units": int(self.params.get("neighbor_units") or 0)}
+        return {**super().describe(), "prefill_mask_fix": bool(self.params["prefill_mask_fix"]),
+                "neighbor_units": int(self.params["neighbor_units"])}
 
     def new_state(self, layer_idx: int) -> dict:
         return {"layer": layer_idx, "rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
@@ -136,8 +143,8 @@ class InfLLM(ContextMethod):
             state["rem"] = SlidingKV(k, self.spec.n_heads, capacity=2 * (self.n_local + self.block_size + self.exc))
             p = self.params
             state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
-                                       p["cache_strategy"], p.get("score_decay"), pin_memory=p.get("pin_memory", True),
-                                       side=self.side, repr_on_host=bool(p.get("faiss", False)))
+                                       p["cache_strategy"], p["score_decay"], pin_memory=p["pin_memory"],
+                                       side=self.side, repr_on_host=bool(p["faiss"]))
             state["rem"].before_overwrite = state["units"].settle_writes
         rem: SlidingKV = state["rem"]
         units: UnitStore = state["units"]
@@ -305,6 +312,20 @@ class InfLLM(ContextMethod):
         n_units = max(0, beyond - init - self.exc) // self.block_size
         rest = min(beyond - init, (self.block_size + self.exc) // 2)
         return min(p + 1, self.n_local) + init + min(n_units, self.topk) * self.block_size + rest
+
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """On the device: the remainder buffer (local window + not-yet-packed tokens, its capacity in `attend`), the
+        initial tokens and the cached units (max(topk, max_cached_block) of them when offloading, else every unit);
+        with offloading, every unit (length - n_local - n_init tokens) in host memory. A query tile is
+        scored against the window, the initial tokens, topk units and one execution block of remainder."""
+        p = self.params
+        window = 2 * (p["n_local"] + p["block_size"] + p["exc_block_size"]) + p["n_init"]
+        units = max(0, length - p["n_local"] - p["n_init"])
+        offload = self.offloads(device)
+        cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units
+        keys = p["n_local"] + p["n_init"] + p["topk"] * p["block_size"] + p["exc_block_size"]
+        return {"device_tokens": window + cached, "host_tokens": units if offload else 0,
+                "workspace_keys": min(keys, length)}
 
     def kv_bytes(self, states: list) -> dict[str, int]:
         """Stored tokens' K/V: units offloaded to the host count as offloaded; everything else (window and

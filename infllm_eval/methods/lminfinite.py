@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 from infllm_eval.errors import UserError
+from infllm_eval.methods import METHODS
 from infllm_eval.methods.window import WindowMethod
 
 
+@METHODS.register("lminfinite")
 class LMInfinite(WindowMethod):
     name = "lminfinite"
     position_scheme = "distance ceiling (init un-rotated, query at global_distance)"
@@ -22,11 +24,11 @@ class LMInfinite(WindowMethod):
 
     def validate(self) -> None:
         super().validate()
-        gd = self.params.get("global_distance")
+        gd = self.params["global_distance"]
         if gd is not None and (not isinstance(gd, int) or gd < 0):
             raise UserError(f"method.params.global_distance must be null or a non-negative integer, got {gd!r}.")
 
     def init_positions(self, device):
-        gd = self.params.get("global_distance")
+        gd = self.params["global_distance"]
         q_at = torch.tensor([self.n_local - 1 if gd is None else gd], device=device)
         return q_at, torch.zeros(self.n_init, dtype=torch.long, device=device)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from infllm_eval.methods import METHODS
 from infllm_eval.methods.window import WindowMethod
 
 
+@METHODS.register("streamingllm")
 class StreamingLLM(WindowMethod):
     name = "streamingllm"
     position_scheme = "in-cache (init at 0..n_init-1, query at n_local+n_init-1)"

@@ -14,6 +14,8 @@ from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 from infllm_eval.methods.memory import SlidingKV
 
+WINDOW_SLACK = 64  # tokens the window buffer holds beyond n_local + 2 chunks (fewer compactions)
+
 
 class WindowMethod(ContextMethod):
     param_names = ("n_init", "n_local", "base", "distance_scale")
@@ -21,7 +23,7 @@ class WindowMethod(ContextMethod):
     def validate(self) -> None:
         super().validate()
         for key in ("n_local", "n_init"):
-            v = self.params.get(key)
+            v = self.params[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "n_local" else 0):
                 raise UserError(f"method.params.{key} must be a {'positive' if key == 'n_local' else 'non-negative'}"
                                 f" integer, got {v!r}.")
@@ -37,6 +39,13 @@ class WindowMethod(ContextMethod):
     def attended_keys(self, p: int) -> int:
         return min(p + 1, self.n_local) + min(self.n_init, max(0, p + 1 - self.n_local))
 
+    def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
+        """The initial tokens and the window buffer (n_local + 2 chunks + slack, as `attend` allocates it); a query
+        tile is scored against its window, the initial tokens and the tile itself."""
+        n_init, n_local = self.params["n_init"], self.params["n_local"]
+        return {"device_tokens": n_init + n_local + 2 * chunk + WINDOW_SLACK, "host_tokens": 0,
+                "workspace_keys": min(n_init + n_local + self.q_tile, length)}
+
     def new_state(self, layer_idx: int) -> dict:
         return {"win": None, "init_k": None, "init_v": None, "init_len": 0}
 
@@ -44,7 +53,7 @@ class WindowMethod(ContextMethod):
         L, p0 = q.shape[2], int(pos[0])
         p1 = p0 + L
         if state["win"] is None:
-            state["win"] = SlidingKV(k, self.spec.n_heads, capacity=self.n_local + 2 * L + 64)
+            state["win"] = SlidingKV(k, self.spec.n_heads, capacity=self.n_local + 2 * L + WINDOW_SLACK)
         win: SlidingKV = state["win"]
         win.append(k, v)
         if state["init_len"] < self.n_init:  # the first n_init tokens are kept for good
