@@ -329,7 +329,7 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     (out / "provenance.json").write_text(json.dumps(provenance(device, int(base.seed)), indent=2), encoding="utf-8")
     peak = matmul_peak_flops(device, dtype, int(b.peak_matmul_size)) / 1e9
     rows = []
-    cells = [(length, rep, m) for rep in range(int(b.get("repeats", 1))) for length in lengths for m in methods]
+    cells = [(length, rep, m) for rep in range(int(b.repeats)) for length in lengths for m in methods]
     for length, rep, m in cells:
         row = {"model": base.model.name, "method": m, "length": length, "repeat": rep,
                "device": device_name(device)}
@@ -349,11 +349,11 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
         pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)  # flushed after every cell
     df = pd.DataFrame(rows)
     md = to_markdown(df)
-    if int(b.get("repeats", 1)) > 1:
+    if int(b.repeats) > 1:
         summary = summarize_repeats(df)
         summary.to_csv(out / "bench_summary.csv", index=False)
         md += "\nMedian, min and max over the repeats:\n\n" + to_markdown(summary)
-    if int(b.get("prompt_build_length") or 0) > 0:
+    if int(b.prompt_build_length) > 0:
         pb = prompt_build_seconds(base, int(b.prompt_build_length))
         pd.DataFrame([pb]).to_csv(out / "prompt_build.csv", index=False)
         md += (f"\nBuilding one passkey prompt of {pb['length']:,} tokens ({base.model.name}'s tokenizer): "
@@ -366,7 +366,7 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
 
 def bench_config_check(cfg: DictConfig) -> None:
     """Light validation of the bench node (called by the CLI before any model loads)."""
-    r = cfg.bench.get("repeats", 1)
+    r = cfg.bench.repeats
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise UserError(f"bench.repeats must be a positive integer, got {r!r}.")
     for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size", "prompt_build_length"):

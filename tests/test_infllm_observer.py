@@ -10,9 +10,17 @@ import torch
 from infllm_eval.engine import Engine
 from infllm_eval.methods.infllm import InfLLM
 
-SMALL = dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32, max_cached_block=4,
-             cache_strategy="lru", score_decay=None, chunk_topk_calc=None, perhead=False, base=None,
-             distance_scale=None, global_distance=None, prefill_mask_fix=True, offload=False)
+
+def _small() -> dict:
+    """conf/method/infllm.yaml's parameters (every key a method reads) with a small window and memory."""
+    from infllm_eval.config import compose
+
+    params = dict(compose(["method=infllm"]).method.params)
+    return {**params, **dict(n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32,
+                            max_cached_block=4, offload=False)}
+
+
+SMALL = _small()
 
 
 @functools.lru_cache(maxsize=None)

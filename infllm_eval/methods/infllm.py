@@ -170,7 +170,7 @@ class InfLLM(ContextMethod):
 
     def _plan_topk(self, state, q, st: int, L: int) -> list:
         """Unit selections for the next execution block(s): one, or `chunk_topk_calc // exc_block_size` at once."""
-        ctc = self.params.get("chunk_topk_calc")
+        ctc = self.params["chunk_topk_calc"]
         n_blocks = 1 if ctc is None else max(1, ctc // self.exc)
         blocks = [(s, min(L, s + self.exc)) for s in range(st, min(L, st + n_blocks * self.exc), self.exc)]
         units: UnitStore = state["units"]
@@ -185,8 +185,8 @@ class InfLLM(ContextMethod):
             idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
             plan = [idx[i] for i in range(len(blocks))]
         else:
-            score = per_head.amax(dim=1) if self.params.get("head_reduce") == "max" else per_head.sum(dim=1)  # [nb, U]
-            nbr = int(self.params.get("neighbor_units") or 0)
+            score = per_head.amax(dim=1) if self.params["head_reduce"] == "max" else per_head.sum(dim=1)  # [nb, U]
+            nbr = self.params["neighbor_units"]
             if nbr:
                 order = score.argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
                 plan = [self._with_neighbors(o, units.n, nbr) for o in order]
@@ -208,7 +208,7 @@ class InfLLM(ContextMethod):
         """The `n_centers` best units with the units either side of them, then the next best by rank; topk in all
         (or, with `neighbor_extra`, the topk best plus the centres' neighbours: at most topk + 2 * n_centers)."""
         chosen: dict[int, None] = {}
-        if self.params.get("neighbor_extra"):
+        if self.params["neighbor_extra"]:
             for u in order[: self.topk]:
                 chosen.setdefault(u)
         for u in order[:n_centers]:

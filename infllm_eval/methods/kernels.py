@@ -210,7 +210,7 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
 
 
 def multi_stage_attention(
-    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int = 64, fused: bool = True,
+    stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int, fused: bool = True,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """One softmax over the keys of all `stages`: output [B, H, L, D] (into `out`, any strides, when given) and,
