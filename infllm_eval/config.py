@@ -160,8 +160,11 @@ def _validate_task(t: DictConfig) -> None:
     if t.get("max_new_tokens") is not None:
         _need(_is_int(t.max_new_tokens) and t.max_new_tokens > 0, "task.max_new_tokens",
               "a positive integer or null", t.max_new_tokens)
-    if "profile" in t:
-        _need(t.profile in ("infllm", "official"), "task.profile", "infllm or official", t.profile)
+    if "profile" in t:  # the task's own prompt profiles (infllm / official for the shipped ones)
+        from infllm_eval.tasks import load_definition
+
+        profiles = list(load_definition(str(t.definition)).get("profiles") or {})
+        _need(t.profile in profiles, "task.profile", " or ".join(profiles), t.profile)
     if "truncation" in t:
         policies = ("none", "middle", "head_tail", "skip")
         _need(t.truncation in policies, "task.truncation", " | ".join(policies), t.truncation)

@@ -131,28 +131,24 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
 
 
 def _max_new_tokens(cfg: DictConfig) -> int:
-    if cfg.task.get("max_new_tokens") is not None:
-        return int(cfg.task.max_new_tokens)
+    """`task.max_new_tokens`, else its prompt profile's (as the task itself decides: `tasks.base`)."""
     from infllm_eval.tasks import load_definition
+    from infllm_eval.tasks.base import max_new_tokens, pick_profile
 
-    d = load_definition(str(cfg.task.get("definition") or cfg.task.name))
-    profiles = d.get("profiles") or {}
-    prof = profiles.get(cfg.task.get("profile") or d.get("default_profile")) or {}
-    return int(prof.get("max_new_tokens") or d.get("max_new_tokens") or 0)
+    _, profile = pick_profile(load_definition(str(cfg.task.definition)), cfg.task.profile)
+    return max_new_tokens(cfg.task.max_new_tokens, profile)
 
 
 def _samples_per_length(cfg: DictConfig) -> tuple[list[int], int, str]:
-    """(lengths, samples per length, note). Grid tasks (passkey-like) are exact; data tasks (LongBench,
-    ∞-Bench) are planned at their truncation window (`max_length`, else the model's context) with `limit`
-    samples or, without a limit, an unknown count."""
-    t = cfg.task
-    if "lengths" in t:
-        per = len(t.get("depths") or [None]) * int(t.get("samples") or 1)
-        return [int(x) for x in t.lengths], per, ""
-    truncated = t.get("truncation") not in (None, "none")
-    length = int(t.max_length) if truncated and t.get("max_length") else int(cfg.model.max_context)
-    note = "prompts <= max_length" if truncated else "untruncated prompts may be longer"
-    return [length], int(t.get("limit") or 0), note
+    """(lengths, samples per length, note), as the task's builder plans it (`plan_samples(task_cfg,
+    max_context)`, no tokenizer); a builder that cannot say gives the model's context and an unknown count."""
+    from infllm_eval.tasks import TASK_BUILDERS, load_definition
+
+    builder = TASK_BUILDERS.get(str(load_definition(str(cfg.task.definition))["builder"]))
+    if not hasattr(builder, "plan_samples"):
+        return [int(cfg.model.max_context)], 0, "the task's builder does not plan its samples"
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return builder.plan_samples(task, int(cfg.model.max_context))
 
 
 def budget_bytes(budget_gb: float | None, device: str) -> int:

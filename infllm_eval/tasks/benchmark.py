@@ -129,6 +129,16 @@ class BenchmarkTask:
         self._specs = self._make_specs(rows)
 
     # ---- the Task protocol ---------------------------------------------------------------------------
+    @staticmethod
+    def plan_samples(task_cfg: dict, max_context: int) -> tuple[list[int], int, str]:
+        """For `infllm-eval plan` (no data read): (lengths, samples per length, note): one length, the truncation
+        window (`max_length`, else the model's context), with `limit` samples or, without a limit, an unknown
+        count (0)."""
+        truncated = task_cfg["truncation"] != "none"
+        length = int(task_cfg["max_length"]) if truncated else max_context
+        note = "prompts <= max_length" if truncated else "untruncated prompts may be longer"
+        return [length], int(task_cfg["limit"] or 0), note
+
     def sample_specs(self) -> list[dict]:
         return [dict(s) for s in self._specs]
 

@@ -99,6 +99,12 @@ class PasskeyTask:
 
     # ---- the Task protocol ---------------------------------------------------------------------------
 
+    @staticmethod
+    def plan_samples(task_cfg: dict, max_context: int) -> tuple[list[int], int, str]:
+        """For `infllm-eval plan`: (lengths, samples per length, note); exact, a grid of lengths x depths x
+        samples."""
+        return [int(x) for x in task_cfg["lengths"]], len(task_cfg["depths"]) * int(task_cfg["samples"]), ""
+
     def sample_specs(self) -> list[dict]:
         """One spec per (length, depth, index), lengths outermost; no tokenization."""
         return [dict(spec) for spec in self._specs]
