@@ -13,7 +13,7 @@ from rich.table import Table
 
 from infllm_eval.config import (GROUPS, compose, expand_sweep, group_options, resolved_yaml,
                                 searchpath_overrides, tool_defaults)
-from infllm_eval.data_cli import data_app
+from infllm_eval.commands.data import data_app
 from infllm_eval.errors import UserError, unknown_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -173,7 +173,7 @@ def report(
     """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT."""
     from pathlib import Path
 
-    from infllm_eval.report import write_report
+    from infllm_eval.commands.report import write_report
 
     d = tool_defaults("report")
     threshold = d["threshold"] if threshold is None else threshold
@@ -193,7 +193,7 @@ def check(
                                                   help="newly failing samples do not fail the gate"),
 ) -> None:
     """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
-    from infllm_eval.check import check as run_check
+    from infllm_eval.commands.check import check as run_check
 
     d = tool_defaults("check")
     res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,
@@ -213,7 +213,7 @@ def merge(
     """Merge the shard directories of a run (shard=i/n) into one run directory with a fresh summary."""
     import pandas as pd
 
-    from infllm_eval.merge import merge_shards
+    from infllm_eval.commands.merge import merge_shards
     from infllm_eval.store import SUMMARY_CSV
 
     path, added = merge_shards(run_dir, remove_shards)
@@ -228,7 +228,7 @@ def plan(
     budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="memory per cell (default: here)"),
 ) -> None:
     """Dry run: cells, samples, tokens and estimated peak memory per cell; no model weights load."""
-    from infllm_eval.plan import plan_cells, plan_markdown
+    from infllm_eval.commands.plan import plan_cells, plan_markdown
 
     overrides = list(overrides or [])
     rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb)
@@ -238,7 +238,7 @@ def plan(
 @app.command("bench")
 def bench(overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Prefill throughput, decode latency, memory and FLOP/s of several methods side by side (bench.* keys)."""
-    from infllm_eval.bench import run_bench
+    from infllm_eval.commands.bench import run_bench
 
     cols = ["method", "length", "status", "prefill_tok_s", "decode_ms_per_token", "peak_host_mb", "kv_device_mb",
             "kv_offloaded_mb", "workspace_mb", "useful_gflop_s", "mfu"]
@@ -269,7 +269,7 @@ def score(
     """Score saved predictions with the official scorers, without a model: prints round(100 * mean, 2)."""
     from pathlib import Path
 
-    from infllm_eval.score import rescore_run, score_file, write_per_sample
+    from infllm_eval.commands.score import rescore_run, score_file, write_per_sample
     from infllm_eval.store import SAMPLES_FILE, SUMMARY_CSV
 
     if Path(path).is_dir():

@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 
-from infllm_eval.bench import RssPeak, warm_up
+from infllm_eval.commands.bench import RssPeak, warm_up
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from infllm_eval.bench import warm_up
+from infllm_eval.commands.bench import warm_up
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.methods import make_method

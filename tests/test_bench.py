@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from infllm_eval.bench import linear_flops_per_token, run_bench, useful_flops
+from infllm_eval.commands.bench import linear_flops_per_token, run_bench, useful_flops
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
@@ -119,7 +119,7 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
 def test_bench_skips_a_length_whose_kv_the_method_says_cannot_fit(monkeypatch):
     """The fit decision asks the method (`memory_model`), whatever its name: a window method that claimed to keep
     a trillion tokens is skipped; full attention is skipped at a memory share too small for its K/V."""
-    from infllm_eval.bench import _cell
+    from infllm_eval.commands.bench import _cell
     from infllm_eval.methods.streamingllm import StreamingLLM
 
     class Rows(list):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from infllm_eval.check import compare, paired_test
+from infllm_eval.commands.check import compare, paired_test
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "results" / "baselines"

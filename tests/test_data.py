@@ -138,7 +138,7 @@ def test_data_download_offline_says_what_to_do(tmp_path):
 
 
 def test_download_names_resolve_groups_tasks_and_datasets():
-    from infllm_eval.data_cli import resolve
+    from infllm_eval.commands.data import resolve
 
     assert len(resolve(["infbench"])) == 12 and len(resolve(["longbench"])) == 21
     assert len(resolve(["longbench_e"])) == 13

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infllm_eval.report import load_runs
+from infllm_eval.commands.report import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = [

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from infllm_eval.config import compose
-from infllm_eval.plan import GIB, estimate, model_shape, n_params, plan_cells
+from infllm_eval.commands.plan import GIB, estimate, model_shape, n_params, plan_cells
 
 
 def test_parameter_counts_match_the_published_sizes():

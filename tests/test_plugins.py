@@ -170,7 +170,7 @@ def test_a_plugin_method_and_task_run_plan_and_bench_without_touching_the_projec
 
     # plan: the method's own memory model, not full attention's
     cfg = compose(["model=tiny-llama", "method=toy-window", "task=toy-echo"])
-    from infllm_eval.plan import estimate, plan_cells
+    from infllm_eval.commands.plan import estimate, plan_cells
 
     full_cfg = compose(["model=tiny-llama", "method=full", "task=toy-echo"])
     toy = [estimate(cfg, n, "cpu")["kv_device"] for n in (16384, 65536)]
@@ -181,7 +181,7 @@ def test_a_plugin_method_and_task_run_plan_and_bench_without_touching_the_projec
     assert [(r["method"], r["task"], r["samples"]) for r in rows] == [("toy-window", "toy-echo", 2)]
 
     # bench: each cell in a fresh process; K/V held = what the toy keeps (n_local - 1 tokens), per layer
-    from infllm_eval.bench import run_bench
+    from infllm_eval.commands.bench import run_bench
 
     df, _ = run_bench(["model=tiny-llama", "bench.methods=[toy-window,full]", "bench.lengths=[256]",
                        "bench.decode_tokens=2", "bench.warmup_tokens=32", "bench.peak_matmul_size=128",

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from infllm_eval.errors import UserError
-from infllm_eval.report import cells, effective_length, load_runs, write_report
+from infllm_eval.commands.report import cells, effective_length, load_runs, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "results" / "smollm2-passkey"
@@ -207,7 +207,7 @@ def test_cli_report_and_empty_root(tmp_path):
 
 def test_paper_tables_use_the_papers_columns_and_average_only_complete_rows(tmp_path):
     from infllm_eval.config import tool_defaults
-    from infllm_eval.report import paper_table
+    from infllm_eval.commands.report import paper_table
 
     spec = tool_defaults("report")["paper_tables"]["infbench"]
     cols = dict(spec["columns"])

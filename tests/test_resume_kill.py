@@ -15,7 +15,7 @@ from pathlib import Path
 from infllm_eval import runner
 from infllm_eval.config import compose
 from infllm_eval.engine import Engine
-from infllm_eval.report import load_runs
+from infllm_eval.commands.report import load_runs
 
 SWEEP = [
     "model=tiny-llama",
@@ -176,7 +176,7 @@ def test_shards_split_the_samples_and_the_report_merges_them(tmp_path):
 
 
 def test_merge_folds_shards_into_the_unsharded_run_and_resume_reuses_them(tmp_path, monkeypatch):
-    from infllm_eval.merge import merge_shards
+    from infllm_eval.commands.merge import merge_shards
 
     for i in range(3):
         runner.run_cell(_cfg(tmp_path, f"shard={i}/3", "task.depths=[0.0,0.5,1.0]"))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from infllm_eval.errors import UserError
-from infllm_eval.score import rescore_run, resolve_task, score_file
+from infllm_eval.commands.score import rescore_run, resolve_task, score_file
 from infllm_eval.store import summarize, to_markdown
 
 TREC = ["Abbreviation", "Entity", "Human being", "Location", "Numeric value"]
