@@ -123,11 +123,17 @@ def _force_keys_of_swept_groups(overrides: list[str]) -> list[str]:
             for k, o in zip(keys, overrides)]
 
 
+#: the summary table's columns (summary.csv's names) and their short headers: whole at 80 columns
+SUMMARY_HEADERS = {"length": "length", "depth": "depth", "n": "n", "n_ok": "ok", "score": "score",
+                   "input_tokens": "tokens", "prefill_tok_s": "tok/s", "decode_s": "dec s", "peak_mem_mb": "MB"}
+
+
 def show_summary(summary, title: str) -> None:
-    table = Table(title=title)
-    cols = ["length", "depth", "n", "n_ok", "score", "input_tokens", "prefill_tok_s", "decode_s", "peak_mem_mb"]
+    table = Table(title=title, caption="tokens: input tokens · tok/s: prefill tokens/s · dec s: decode seconds · "
+                                       "MB: peak memory", caption_justify="left")
+    cols = list(SUMMARY_HEADERS)
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(SUMMARY_HEADERS[c], justify="right", no_wrap=True)
     for row in summary.itertuples(index=False):
         vals = [getattr(row, c) for c in cols]
         table.add_row(*["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in vals])
@@ -170,15 +176,20 @@ def report(
     out_dir: Optional[str] = typer.Option(None, "--out", help="report folder (default: ROOT/report)"),
     threshold: Optional[float] = typer.Option(None, help="effective-length threshold (conf/tools.yaml)"),
 ) -> None:
-    """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT."""
+    """Tidy per-sample table (CSV + Parquet), pivots, effective length and plots of the runs under ROOT.
+    Interrupted runs, unreadable lines or runs, duplicates and records outside a run's grid are listed (also on
+    stderr); exit 2 only when no run under ROOT has a sample that counts."""
     from pathlib import Path
 
     from infllm_eval.commands.report import write_report
 
     d = tool_defaults("report")
     threshold = d["threshold"] if threshold is None else threshold
-    paths = write_report(root, out_dir or Path(root) / "report", threshold, d.get("paper_tables"))
+    warned: list[str] = []
+    paths = write_report(root, out_dir or Path(root) / "report", threshold, d.get("paper_tables"), warned.append)
     print(paths["markdown"].read_text(encoding="utf-8"))
+    for note in warned:
+        print(f"warning: {note}", file=sys.stderr)  # plain print: never wrapped
     out.print(f"report: {paths['markdown'].parent} ({len(paths)} files)")
 
 
@@ -210,15 +221,19 @@ def merge(
     run_dir: str = typer.Argument(..., help="the unsharded run directory (no -shard suffix)"),
     remove_shards: bool = typer.Option(False, "--remove-shards", help="delete the shard directories after"),
 ) -> None:
-    """Merge the shard directories of a run (shard=i/n) into one run directory with a fresh summary."""
+    """Merge the shard directories of a run (shard=i/n) into one run directory; its summary is written when every
+    shard is complete (else the warnings say what is missing and how to finish it)."""
     import pandas as pd
 
     from infllm_eval.commands.merge import merge_shards
     from infllm_eval.store import SUMMARY_CSV
 
-    path, added = merge_shards(run_dir, remove_shards)
-    show_summary(pd.read_csv(path / SUMMARY_CSV), str(path))
-    out.print(f"merged {added} new samples into {path}")
+    res = merge_shards(run_dir, remove_shards)
+    if res.complete:
+        show_summary(pd.read_csv(res.dir / SUMMARY_CSV), str(res.dir))
+    for note in res.notes:
+        print(f"warning: {note}", file=sys.stderr)  # plain print: never wrapped
+    out.print(f"merged {res.added} new samples into {res.dir}" + ("" if res.complete else " (incomplete)"))
 
 
 @app.command("plan")

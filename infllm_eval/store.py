@@ -204,26 +204,49 @@ def to_markdown(df: pd.DataFrame, fmt: Callable[[Any], str] = _cell_text) -> str
 
 
 # -- reading run directories (read-only: a run may still be written) -------------------------------------------
-def read_records(samples_path: Path) -> list[dict]:
-    """Complete JSON lines of a samples.jsonl, without modifying the file (a torn last line is skipped)."""
-    out = []
-    for line in samples_path.read_bytes().split(b"\n"):
+@dataclass
+class SamplesFile:
+    """A samples.jsonl as read: its records and the lines that could not be read (never silently)."""
+
+    records: list[dict]
+    bad_lines: list[int]  # 1-based numbers of lines that are not a JSON object (corrupt, or the torn last line)
+    torn: bool  # the last line is unterminated: its writer was killed mid-line (or is still writing it)
+
+
+def read_samples(samples_path: Path) -> SamplesFile:
+    """The records of a samples.jsonl without modifying it. A line that is not a JSON object is skipped and
+    listed in `bad_lines`; an unterminated last line is torn (the writer's resume drops it, see
+    `RunStore.load_records`)."""
+    if not samples_path.is_file():
+        return SamplesFile([], [], False)
+    lines = samples_path.read_bytes().split(b"\n")
+    torn = lines[-1].strip() != b""  # a complete file ends with a newline
+    records, bad = [], []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = None if torn and number == len(lines) else json.loads(line)
         except ValueError:
-            continue  # a writer killed (or still writing) mid-line
-    return out
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append(number)
+    return SamplesFile(records, bad, torn)
 
 
 def read_config(run_dir: Path) -> dict:
     """A run directory's config.yaml as a plain dict."""
     path = run_dir / CONFIG_FILE
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"Cannot read '{path}' ({e}); is '{run_dir}' a run directory?") from None
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not valid YAML"
+        raise UserError(f"Cannot read '{path}' ({reason}); is '{run_dir}' a run directory?") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{path}' is not a config (a YAML mapping); restore it or re-run '{run_dir}'.")
+    return cfg
 
 
 def read_provenance(run_dir: Path) -> dict:
@@ -232,13 +255,16 @@ def read_provenance(run_dir: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"'{path}' is not valid JSON; restore it or re-run '{run_dir}'.") from None
+        prov = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        prov = None
+    if not isinstance(prov, dict):
+        raise UserError(f"'{path}' is not valid JSON; restore it or re-run '{run_dir}'.")
+    return prov
 
 
 def current_records(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
-    """The records that count in a run directory: those of its current config, one per sample.
+    """The records that count in a run directory: those of its current config and grid, one per sample.
 
     A run directory accumulates the records of every config it was run with. A record counts when
     1. its content key belongs to the current config: its `cell_key` equals provenance's `cell_key` (the
@@ -247,12 +273,21 @@ def current_records(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
        dtype); when no key can be re-derived (another harness version wrote it), the latest record per
        sample_id, marked `_unverified`;
     2. it is the latest record of its key, except that a finished (`ok`) record is never replaced by a later
-       failure (see `latest_per_key`): the sample a resume would reuse.
-    `report`, `check`, `score`, `merge` and the runner's resume (`RunStore.finished`) all count by this rule.
+       failure (see `latest_per_key`): the sample a resume would reuse;
+    3. it lies in the grid config.yaml selects (`grid_split`): a run re-run with fewer lengths, depths,
+       samples or a lower limit describes that grid, as its summary.csv does; the records outside it stay on
+       disk (a grown grid reuses them) and `read_run` counts them as `outside_grid`.
+    `report`, `check`, `score`, `merge` and the runner's summary all count by this rule (the runner's resume,
+    `RunStore.finished`, looks records up by the keys of its current grid).
     """
+    return grid_split(config_records(records, prov, cfg), cfg)[0]
+
+
+def config_records(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
+    """Rules 1 and 2 of `current_records`: the current config's latest record per key, whatever the grid."""
     cell_key = prov.get("cell_key")
     if cell_key is not None:
-        mine = [r for r in records if r.get("cell_key") == cell_key]
+        mine = [r for r in records if r.get("cell_key") == cell_key and r.get("key") is not None]
     else:
         mine = _records_of_legacy_config(records, prov, cfg)
     return latest_per_key(mine)
@@ -266,6 +301,57 @@ def latest_per_key(records: list[dict]) -> list[dict]:
         if prev is None or r.get("status") == "ok" or prev.get("status") != "ok":
             latest[r["key"]] = r
     return list(latest.values())
+
+
+def grid_split(records: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(records inside, records outside) the grid of the run's config.yaml: `task.lengths`, `task.depths`,
+    `task.samples` (the sample's index, the last part of its id) and `task.limit` (the first `limit` rows of a
+    benchmark's file; with `shard=i/n` the shard's rows i, i+n, ...). A key the task does not have selects
+    nothing, and a record that does not say its length / depth / index is kept."""
+    task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
+    inside = [r for r in records if _in_sample_grid(r, task)]
+    limit = _number(task.get("limit"))
+    if limit:
+        inside = _within_limit(inside, int(limit), cfg.get("shard"))
+    kept = {id(r) for r in inside}
+    return inside, [r for r in records if id(r) not in kept]
+
+
+def _number(x: Any) -> float | None:
+    try:
+        return None if x is None or isinstance(x, bool) else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbers(xs: Any) -> list[float] | None:
+    values = [_number(x) for x in xs] if isinstance(xs, list) else []
+    return None if not values or None in values else values
+
+
+def _in_sample_grid(r: dict, task: dict) -> bool:
+    lengths, depths, samples = _numbers(task.get("lengths")), _numbers(task.get("depths")), _number(task.get("samples"))
+    length, depth = _number(r.get("length")), _number(r.get("depth"))
+    index = re.search(r"-(\d+)$", str(r.get("sample_id", "")))
+    return not (
+        (lengths is not None and length is not None and length not in lengths)
+        or (depths is not None and depth is not None and not any(abs(depth - d) < 1e-9 for d in depths))
+        or (samples is not None and index is not None and int(index[1]) >= samples)
+    )
+
+
+def _within_limit(records: list[dict], limit: int, shard: Any) -> list[dict]:
+    """A benchmark run takes its file's rows in order, so the rows with records are the first ones: the k-th
+    distinct data line (`meta.line`) is row i + k*n of shard i/n (row k unsharded)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard or ""))
+    first, step = (int(m[1]), int(m[2])) if m else (0, 1)
+    rank = {v: k for k, v in enumerate(sorted({_data_line(r) for r in records} - {None}))}
+    return [r for r in records if _data_line(r) not in rank or first + rank[_data_line(r)] * step < limit]
+
+
+def _data_line(r: dict) -> int | None:
+    line = r["meta"].get("line") if isinstance(r.get("meta"), dict) else None
+    return line if isinstance(line, int) and not isinstance(line, bool) else None
 
 
 def _records_of_legacy_config(records: list[dict], prov: dict, cfg: dict) -> list[dict]:
@@ -288,7 +374,7 @@ def _records_of_legacy_config(records: list[dict], prov: dict, cfg: dict) -> lis
         if len(hits) > len(mine):
             mine = hits
     if not mine:  # keys cannot be re-derived (e.g. written by another harness version): latest per sample
-        by_id = {r.get("sample_id"): r for r in records}
+        by_id = {r.get("sample_id"): r for r in records if r.get("key") or r.get("sample_id")}
         mine = [{**r, "key": r.get("key") or r.get("sample_id"), "_unverified": True} for r in by_id.values()]
     return mine
 
@@ -309,26 +395,54 @@ def _dtype_candidates(cfg: dict, device_type: str) -> list[str]:
     )
 
 
+COMPLETE, INTERRUPTED = "complete", "interrupted"
+
+
+def run_status(run_dir: Path) -> str:
+    """`complete` when summary.csv is at least as new as samples.jsonl (the runner, `merge` and `score` write
+    it last); else `interrupted` (killed, still running, or appended to after its summary)."""
+    summary, samples = run_dir / SUMMARY_CSV, run_dir / SAMPLES_FILE
+    if not summary.is_file():
+        return INTERRUPTED
+    if samples.is_file() and samples.stat().st_mtime_ns > summary.stat().st_mtime_ns:
+        return INTERRUPTED
+    return COMPLETE
+
+
 @dataclass
 class RunContents:
-    """A run directory as read: its config, provenance and the records that count (`current_records`)."""
+    """A run directory as read: its config, provenance, the records that count (`current_records`) and
+    everything else it holds, counted."""
 
     dir: Path
     config: dict
     provenance: dict
-    records: list[dict]
+    records: list[dict]  # the records that count
+    outside_grid: list[dict]  # records of the current config outside config.yaml's grid (kept, not counted)
+    other_configs: int  # records of earlier configs of the directory (kept, not counted)
+    bad_lines: list[int]  # unreadable lines of samples.jsonl (see `read_samples`), skipped
+    torn: bool  # the last of them is torn
+    status: str  # COMPLETE | INTERRUPTED (`run_status`)
 
 
 def read_run(run_dir: str | Path) -> RunContents:
-    """Reads a run directory without modifying it (a torn last line of a run being written is skipped)."""
+    """Reads a run directory without modifying it; an unreadable config.yaml / provenance.json is a UserError."""
     run_dir = Path(run_dir)
     cfg, prov = read_config(run_dir), read_provenance(run_dir)
-    return RunContents(run_dir, cfg, prov, current_records(read_records(run_dir / SAMPLES_FILE), prov, cfg))
+    samples = read_samples(run_dir / SAMPLES_FILE)
+    mine = config_records(samples.records, prov, cfg)
+    inside, outside = grid_split(mine, cfg)
+    keys = {m["key"] for m in mine}
+    other = sum(r.get("key") not in keys for r in samples.records)
+    return RunContents(run_dir, cfg, prov, inside, outside, other, samples.bad_lines, samples.torn,
+                       run_status(run_dir))
 
 
 def find_runs(root: Path) -> list[Path]:
-    """The run directories under `root`: folders with samples.jsonl and config.yaml."""
-    return sorted(p.parent for p in root.rglob(SAMPLES_FILE) if (p.parent / CONFIG_FILE).is_file())
+    """The run directories under `root`: folders holding samples.jsonl or the .lock every run takes first (a
+    run that stopped before its first sample), outside hidden folders."""
+    found = {p.parent for name in (SAMPLES_FILE, LOCK_FILE) for p in root.rglob(name) if p.is_file()}
+    return sorted(d for d in found if not any(part.startswith(".") for part in d.relative_to(root).parts))
 
 
 # -- the tidy per-sample table -------------------------------------------------------------------------------
@@ -350,19 +464,29 @@ RESULT_COLS = [
     "answers",
     "finished_at",
 ]
+#: one row per run directory found under a root (`RunsScan.runs`)
+RUN_COLS = ["run_dir", "run_status", "samples", "outside_grid", "other_configs", "corrupt_lines", "torn_last_line",
+            "duplicates_folded", "unreadable"]
 
 
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _run_columns(root: Path, run_dir: Path, cfg: dict, prov: dict) -> dict:
+def _rel(root: Path, run_dir: Path) -> str:
+    return str(run_dir.relative_to(root)) if run_dir != root else "."
+
+
+def _run_columns(root: Path, run: RunContents) -> dict:
+    cfg, prov = run.config, run.provenance
     git = prov.get("git") or {}
     versions = prov.get("versions") or {}
     method = dict(prov.get("method") or {})
     task = cfg.get("task") or {}
     return {
-        "run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".",
+        "run_dir": _rel(root, run.dir),
+        "run_status": run.status,
+        "run_corrupt_lines": len(run.bad_lines),
         "git_commit": git.get("commit"),
         "git_dirty": git.get("dirty"),
         "harness_version": versions.get("infllm-eval"),
@@ -385,48 +509,121 @@ def _run_columns(root: Path, run_dir: Path, cfg: dict, prov: dict) -> dict:
     }
 
 
-def load_runs(root: str | Path) -> pd.DataFrame:
-    """One row per sample over every run directory under `root` (read-only, `read_run`): the axes (model,
-    method, task, length, depth, sample_id), the result (score, status, timings, peak memory, input tokens,
-    truncation) and the provenance (git commit, versions, device, dtype, model / task / method fingerprints,
-    prompt profile); `config_verified` is False for records `current_records` could not tie to the config."""
+def _row(r: dict, run_cols: dict) -> dict:
+    row = {k: r.get(k) for k in AXES}
+    row.update({k: r.get(k) for k in RESULT_COLS})
+    row["answers"] = json.dumps(r.get("answers"), ensure_ascii=False) if r.get("answers") is not None else None
+    row["config_verified"] = not r.get("_unverified", False)  # record provably of the run's current config
+    row.update(run_cols)
+    return row
+
+
+@dataclass
+class RunsScan:
+    """Every run directory under a root, read (`scan_runs`)."""
+
+    table: pd.DataFrame  # one row per sample (content key), see `load_runs`; may be empty
+    runs: pd.DataFrame  # one row per run directory found (RUN_COLS): status, counts of what was not counted
+    duplicates: pd.DataFrame  # kept_run_dir, dropped_run_dir, n: samples found in several run directories
+
+
+def scan_runs(root: str | Path) -> RunsScan:
+    """Reads every run directory under `root` (`find_runs`, `read_run`). A run whose config.yaml or
+    provenance.json cannot be read is listed with the reason (`unreadable`) and the others are read. The same
+    sample (content key) in several run directories is one row: the record a resume would keep (a finished
+    one over a failure, then the latest `finished_at`), the others counted in `duplicates`."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(
-            f"Results root '{root}' is not a directory; pass a folder that holds run directories."
-        )
-    rows = []
+        raise UserError(f"Results root '{root}' is not a directory; pass a folder that holds run directories.")
+    runs, rows = [], []
     for run_dir in find_runs(root):
-        run = read_run(run_dir)
-        run_cols = _run_columns(root, run_dir, run.config, run.provenance)
-        for r in run.records:
-            row = {k: r.get(k) for k in AXES}
-            row.update({k: r.get(k) for k in RESULT_COLS})
-            row["answers"] = (
-                json.dumps(r.get("answers"), ensure_ascii=False) if r.get("answers") is not None else None
-            )
-            row["config_verified"] = not r.get(
-                "_unverified", False
-            )  # record provably of the run's current config
-            row.update(run_cols)
-            rows.append(row)
-    if not rows:
-        raise UserError(
-            f"No run directories with samples under '{root}' (each needs {CONFIG_FILE} and {SAMPLES_FILE})."
-        )
-    df = pd.DataFrame(rows)
-    df["peak_mem_mb"] = (df["peak_mem_bytes"] / 2**20).round(1)
-    df["total_s"] = df["prefill_s"] + df["decode_s"]
+        info = dict.fromkeys(RUN_COLS, 0) | {"run_dir": _rel(root, run_dir), "unreadable": ""}
+        try:
+            run = read_run(run_dir) if (run_dir / SAMPLES_FILE).is_file() else _no_samples(run_dir)
+        except UserError as e:
+            runs.append(info | {"run_status": run_status(run_dir), "unreadable": str(e)})
+            continue
+        info.update(run_status=run.status, outside_grid=len(run.outside_grid), other_configs=run.other_configs,
+                    corrupt_lines=len(run.bad_lines), torn_last_line=int(run.torn))
+        run_cols = _run_columns(root, run)
+        rows += [_row(r, run_cols) for r in run.records]
+        runs.append(info)
+    table, dups = _fold_duplicates(pd.DataFrame(rows))
+    runs = pd.DataFrame(runs, columns=RUN_COLS)
+    if len(dups):
+        runs["duplicates_folded"] = runs["run_dir"].map(dups.groupby("dropped_run_dir")["n"].sum()).fillna(0)
+    runs["duplicates_folded"] = runs["duplicates_folded"].astype(int)
+    runs["samples"] = runs["run_dir"].map(table["run_dir"].value_counts() if len(table) else {}).fillna(0).astype(int)
+    return RunsScan(table, runs, dups)
+
+
+def _no_samples(run_dir: Path) -> RunContents:
+    """A run directory without samples.jsonl (stopped before its first sample): nothing to count."""
+    cfg = read_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else {}
+    return RunContents(run_dir, cfg, read_provenance(run_dir), [], [], 0, [], False, run_status(run_dir))
+
+
+def _fold_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per content key: a finished record over a failure, then the latest; records whose config could
+    not be verified are never folded across directories."""
+    dup_cols = ["kept_run_dir", "dropped_run_dir", "n"]
+    if df.empty:
+        return df, pd.DataFrame(columns=dup_cols)
+    fold = df["key"].astype(str).where(df["config_verified"], df["run_dir"] + "\0" + df["key"].astype(str))
+    rank = pd.DataFrame({"fold": fold, "ok": df["status"] == "ok", "at": df["finished_at"].fillna("").astype(str)})
+    order = rank.sort_values(["fold", "ok", "at"], kind="stable").index  # the last of each fold wins
+    last = rank.loc[order].drop_duplicates("fold", keep="last").index
+    kept = df.loc[sorted(last)]
+    dropped = df.drop(index=last)
+    dups = pd.DataFrame(columns=dup_cols)
+    if len(dropped):
+        kept_dir = df.loc[last, "run_dir"].set_axis(fold.loc[last])
+        pairs = pd.DataFrame({"kept_run_dir": fold.loc[dropped.index].map(kept_dir),
+                              "dropped_run_dir": dropped["run_dir"]})
+        dups = pairs.groupby(["kept_run_dir", "dropped_run_dir"]).size().reset_index(name="n")
+    return kept, dups
+
+
+def finish_table(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["peak_mem_mb"] = (pd.to_numeric(df["peak_mem_bytes"]) / 2**20).round(1)
+    df["total_s"] = pd.to_numeric(df["prefill_s"]) + pd.to_numeric(df["decode_s"])
     return df.sort_values(
         AXES[:4] + ["depth", "sample_id", "run_dir"], na_position="first", kind="stable", ignore_index=True
     )
 
 
+def load_runs(root: str | Path, scan: RunsScan | None = None) -> pd.DataFrame:
+    """One row per sample (content key) over every readable run directory under `root` (read-only, see
+    `scan_runs`): the axes (model, method, task, length, depth, sample_id), the result (score, status, timings,
+    peak memory, input tokens, truncation), the run (`run_dir`, `run_status` complete | interrupted,
+    `run_corrupt_lines`) and the provenance (git commit, versions, device, dtype, model / task / method
+    fingerprints, prompt profile); `config_verified` is False for records `current_records` could not tie to
+    the config. A UserError when no run under `root` has a sample that counts."""
+    scan = scan_runs(root) if scan is None else scan
+    if scan.table.empty:
+        bad = scan.runs[scan.runs["unreadable"] != ""]
+        why = f"; {len(bad)} unreadable, e.g. {bad['unreadable'].iloc[0]}" if len(bad) else ""
+        raise UserError(
+            f"No run directories with samples under '{root}' (each needs {CONFIG_FILE} and {SAMPLES_FILE}){why}"
+            .rstrip(".") + "."
+        )
+    return finish_table(scan.table)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A tidy table written by `write_report` (CSV or Parquet), or built from a run root."""
+    """A tidy table written by `write_report` (CSV or Parquet), or built from a run root; a run root with an
+    unreadable run directory or a corrupt samples.jsonl line is refused (a gate must not skip samples)."""
     path = Path(path)
     if path.is_dir():
-        return load_runs(path)
+        scan = scan_runs(path)
+        runs = scan.runs
+        bad = runs[(runs["unreadable"] != "") | (runs["corrupt_lines"] > runs["torn_last_line"])]
+        if len(bad):
+            r = bad.iloc[0]
+            raise UserError(r["unreadable"] or f"'{path / r['run_dir'] / SAMPLES_FILE}' has unreadable lines "
+                            f"(see `infllm-eval report {path}`); fix or delete them first.")
+        return load_runs(path, scan)
     if not path.is_file():
         raise UserError(
             f"'{path}' does not exist; pass a run root or a {TIDY_CSV} / {TIDY_PARQUET} from `report`."

@@ -180,8 +180,8 @@ def test_merge_folds_shards_into_the_unsharded_run_and_resume_reuses_them(tmp_pa
 
     for i in range(3):
         runner.run_cell(_cfg(tmp_path, f"shard={i}/3", "task.depths=[0.0,0.5,1.0]"))
-    run_dir, added = merge_shards(tmp_path / "tiny-llama/full/passkey", remove_shards=True)
-    assert added == 3 and not list((tmp_path / "tiny-llama/full").glob("passkey-shard*"))
+    res = merge_shards(tmp_path / "tiny-llama/full/passkey", remove_shards=True)
+    assert res.added == 3 and res.complete and not res.notes and not list((tmp_path / "tiny-llama/full").glob("passkey-shard*"))
     calls = _count_generate(monkeypatch)
     summary = runner.run_cell(_cfg(tmp_path, "task.depths=[0.0,0.5,1.0]"))  # the unsharded run: all reused
     assert calls["n"] == 0 and summary["n_ok"].sum() == 3

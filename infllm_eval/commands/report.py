@@ -1,7 +1,12 @@
 """Reports: every run directory under a root -> one tidy per-sample table + markdown pivots + plots.
 
-The tidy table is `store.load_runs(root)`: one row per sample of every run, the records that count by
-`store.current_records` (a run's current config, one per sample), read-only.
+The tidy table is `store.load_runs(root)`: one row per sample (content key), the records that count by
+`store.current_records` (each run's current config and grid, as its summary.csv), read-only. Nothing is left
+out silently: report.md lists, and tidy.csv marks, interrupted runs (`run_status`), unreadable lines
+(`run_corrupt_lines`), records outside a run's current grid (kept on disk, not counted), the same sample found
+in several run directories (one row, the record a resume would keep) and run directories whose config.yaml or
+provenance.json cannot be read (listed with the reason; the others are reported; `report` exits 0 when at
+least one run has a sample that counts, else 2).
 
 Derived views (`write_report`): tidy.csv / tidy.parquet, cells.csv (one row per model x method x task x length
 x depth), report.md (the paper's ∞-Bench / LongBench table layouts with their averages, task x method per model,
@@ -14,12 +19,13 @@ counted in their own columns and never scored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from infllm_eval.errors import UserError
-from infllm_eval.store import AXES, CELL, FAILED, TIDY_CSV, TIDY_PARQUET, load_runs, to_markdown
+from infllm_eval.store import (AXES, CELL, FAILED, INTERRUPTED, LOCK_FILE, SAMPLES_FILE, TIDY_CSV, TIDY_PARQUET,
+                               RunsScan, load_runs, scan_runs, to_markdown)
 
 #: provenance columns that must agree for two runs' samples of one cell to be averaged
 SIGNATURE = ["task_fingerprint", "prompt_profile", "method_fingerprint", "model_fingerprint"]
@@ -165,17 +171,58 @@ def paper_table(task_cells: pd.DataFrame, columns: dict[str, str]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def markdown(df: pd.DataFrame, threshold: float, paper_tables: dict | None = None) -> str:
+def _dirs(names) -> str:
+    names = sorted(str(n) for n in names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def notes(scan: RunsScan) -> list[str]:
+    """One line per kind of thing the tidy table does not count as a plain sample (empty when there is none)."""
+    r, out = scan.runs, []
+    unreadable = r[r["unreadable"] != ""]
+    for row in unreadable.itertuples(index=False):
+        out.append(f"unreadable run {row.run_dir}: {row.unreadable} (left out of every table)")
+    readable = r[r["unreadable"] == ""]
+    interrupted = readable[readable["run_status"] == INTERRUPTED]
+    if len(interrupted):
+        out.append(f"{len(interrupted)} interrupted runs (no summary.csv, or samples.jsonl newer than it: killed, "
+                   f"still running, or stopped before their first sample): {_dirs(interrupted['run_dir'])}")
+    for row in readable[readable["corrupt_lines"] > 0].itertuples(index=False):
+        torn = " (the last one torn: its writer was killed mid-line)" if row.torn_last_line else ""
+        out.append(f"{row.corrupt_lines} unreadable lines of {row.run_dir}/{SAMPLES_FILE} skipped{torn}")
+    outside = readable[readable["outside_grid"] > 0]
+    if len(outside):
+        out.append(f"{int(outside['outside_grid'].sum())} records outside the current grid of their run's "
+                   f"config.yaml (kept on disk, not counted, as in summary.csv): {_dirs(outside['run_dir'])}")
+    for row in scan.duplicates.itertuples(index=False):
+        out.append(f"{row.n} duplicate samples folded: the same content key in {row.kept_run_dir} (kept) and "
+                   f"{row.dropped_run_dir} (not counted again)")
+    return out
+
+
+def _runs_section(scan: RunsScan) -> str:
+    lines = notes(scan)
+    flagged = "".join(f"- {n}\n" for n in lines) if lines else "Every run complete and fully read.\n"
+    return "\n## Runs\n\n" + flagged + "\n" + to_markdown(scan.runs, _fmt)
+
+
+def markdown(df: pd.DataFrame, threshold: float, paper_tables: dict | None = None,
+             scan: RunsScan | None = None) -> str:
+    """report.md of the tidy table `df`; with `scan` (what `scan_runs` read) also the runs and what was not
+    counted."""
     length_cells = cells(df, CELL)
     task_cells = cells(df, ["model", "method", "task"])
     bad = incomparable(df)
     n_failed = int(df["status"].isin(FAILED).sum())
+    flagged = f" **{len(notes(scan))} warnings: see Runs.**" if scan is not None and notes(scan) else ""
     parts = [
         (
             f"# infllm-eval report\n\n{df['run_dir'].nunique()} runs, {len(df)} samples, {n_failed} failed "
-            f"(error / oom / timeout; counted, never scored). Scores are 0-100 over finished samples.\n"
+            f"(error / oom / timeout; counted, never scored). Scores are 0-100 over finished samples.{flagged}\n"
         )
     ]
+    if scan is not None:
+        parts.append(_runs_section(scan))
     if len(bad):
         parts.append("\n## Incomparable cells (left out of the pivots)\n\n" + _md_table(bad))
     for model, g in task_cells.groupby("model"):
@@ -215,7 +262,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         grid = g[g["comparable"]].pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
         if grid.empty:
             continue
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
+        fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * grid.shape[1]), max(4.0, 1.5 + 0.45 * grid.shape[0])))
         im = ax.imshow(grid.to_numpy(), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(grid.shape[1]), [str(x) for x in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{y:.2f}" for y in grid.index])
@@ -232,56 +279,96 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     for (model, task), g in ok_cells.groupby(["model", "task"]):
         sized = _sized(g)
         if len(sized):
-            fig, ax = plt.subplots(figsize=(5, 3.2))
+            fig, ax = plt.subplots(figsize=(7, 4.5))
             for method, m in sized.groupby("method"):
                 ax.plot(m["length"], m["score"], marker="o", label=method)
             ax.set_xscale("log", base=2)
             ticks = sorted(sized["length"].unique())
-            ax.set_xticks(ticks, [f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
+            ax.set_xticks(ticks, [_length_label(t) for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel("length (tokens)")
-            ax.set_ylabel("score")
-            ax.set_ylim(-5, 105)
+            _score_axis(ax)
             ax.set_title(f"{model} · {task}", fontsize=9)
             ax.legend(fontsize=7)
             written.append(_save(fig, out / f"score_vs_length_{model}_{task}.png"))
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         for method, m in g.groupby("method"):
             axes[0].scatter(m["peak_mem_mb"], m["score"], label=method)
             axes[1].scatter(m["total_s"], m["score"], label=method)
-            for r in m.itertuples(index=False):
-                axes[0].annotate(str(r.length), (r.peak_mem_mb, r.score), fontsize=6, alpha=0.7)
-                axes[1].annotate(str(r.length), (r.total_s, r.score), fontsize=6, alpha=0.7)
         axes[0].set_xlabel("peak memory (MB)")
         axes[1].set_xlabel("time per sample (s, prefill + decode)")
-        axes[0].set_ylabel("score")
-        axes[1].legend(fontsize=7)
-        fig.suptitle(f"{model} · {task}", fontsize=9)
-        written.append(_save(fig, out / f"score_vs_cost_{model}_{task}.png"))
+        _score_axis(axes[0])
+        axes[1].legend(fontsize=8, title="method (labels: length)", title_fontsize=8)
+        fig.suptitle(f"{model} · {task}", fontsize=10)
+        fig.tight_layout()
+        for ax, x in zip(axes, ("peak_mem_mb", "total_s")):
+            _label_points(ax, [(getattr(r, x), r.score, _length_label(r.length)) for r in g.itertuples(index=False)])
+        written.append(_save(fig, out / f"score_vs_cost_{model}_{task}.png", layout=False))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _score_axis(ax) -> None:
+    """Scores always on the same 0-100 axis (a little margin so points at 0 and 100 show whole)."""
+    ax.set_ylim(-3, 103)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("score")
+
+
+def _length_label(length: Any) -> str:
+    return f"{int(length) // 1024}K" if length and int(length) % 1024 == 0 else str(length)
+
+
+def _label_points(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> None:
+    """Labels next to their points, each moved (down in the upper half, up in the lower half) until it overlaps
+    no label placed before."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
+        if pd.isna(x) or pd.isna(y):
+            continue
+        step = -(fontsize + 2) if y > 50 else fontsize + 2
+        label = ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=fontsize)
+        box = label.get_window_extent(renderer)
+        while any(box.overlaps(b) for b in placed):
+            label.xyann = (label.xyann[0], label.xyann[1] + step)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
+
+
+def _save(fig, path: Path, layout: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 # -- entry ---------------------------------------------------------------------------------------------------
-def write_report(root: str | Path, out: str | Path, threshold: float,
-                 paper_tables: dict | None = None) -> dict[str, Path]:
-    """Reads every run under `root`; writes tidy.csv, tidy.parquet, cells.csv, effective_length.csv, report.md
-    (with the paper-style tables of `paper_tables`, conf/tools.yaml `report.paper_tables`) and PNG plots into
-    `out`. Returns the written paths by name."""
-    df = load_runs(root)
+def write_report(root: str | Path, out: str | Path, threshold: float, paper_tables: dict | None = None,
+                 warn: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Reads every run under `root` (`scan_runs`); writes tidy.csv, tidy.parquet, cells.csv, effective_length.csv,
+    report.md (with the paper-style tables of `paper_tables`, conf/tools.yaml `report.paper_tables`, and the runs
+    with everything not counted) and PNG plots into `out`; `warn` gets each such note. Returns the written paths
+    by name. A UserError (nothing written) when no run has a sample that counts."""
+    if not 0 <= threshold <= 100:
+        raise UserError(f"--threshold is a score (0-100); got {threshold:g}.")
     out = Path(out)
+    if (out / SAMPLES_FILE).exists() or (out / LOCK_FILE).exists():
+        raise UserError(f"'{out}' is a run directory; pass --out a folder of its own (default: ROOT/report).")
+    scan = scan_runs(root)
+    df = load_runs(root, scan)
+    for note in notes(scan) if warn else []:
+        warn(note)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        return _write(df, scan, out, threshold, paper_tables)
     except OSError as e:
-        raise UserError(f"Report directory '{out}' cannot be created ({e.strerror}); pass --out DIR.") from e
+        raise UserError(f"Cannot write the report into '{out}' ({e.strerror}); pass --out DIR.") from e
+
+
+def _write(df: pd.DataFrame, scan: RunsScan, out: Path, threshold: float, paper_tables: dict | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "tidy_csv": out / TIDY_CSV,
         "tidy_parquet": out / TIDY_PARQUET,
@@ -293,7 +380,7 @@ def write_report(root: str | Path, out: str | Path, threshold: float,
     df.to_parquet(paths["tidy_parquet"], index=False)
     cells(df).to_csv(paths["cells"], index=False)
     effective_length(cells(df, CELL), threshold).to_csv(paths["effective_length"], index=False)
-    paths["markdown"].write_text(markdown(df, threshold, paper_tables), encoding="utf-8")
+    paths["markdown"].write_text(markdown(df, threshold, paper_tables, scan), encoding="utf-8")
     for p in plots(df, out):
         paths[p.stem] = p
     return paths
