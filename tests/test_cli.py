@@ -132,3 +132,27 @@ def test_run_composes_once_and_computes_the_run_directory_once(tmp_path, monkeyp
     assert r.exit_code == 0, r.output
     assert calls == {"compose": 1, "run_target": 1}
     assert seen["target"].dir == tmp_path / "tiny-llama/full/passkey-shard1of2" and seen["target"].shard == (1, 2)
+
+
+def test_summary_table_headers_are_whole_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from infllm_eval import cli as cli_module
+    from infllm_eval.store import summarize
+
+    rec = {"model": "m", "method": "infllm", "task": "passkey", "length": 1048576, "depth": 0.75, "status": "ok",
+           "score": 1.0, "n_input_tokens": 1048576, "prefill_s": 123.456, "decode_s": 12.345,
+           "peak_mem_bytes": 81920 * 2**20}
+    buf = io.StringIO()
+    real, cli_module.out = cli_module.out, Console(file=buf, width=80)
+    try:
+        cli_module.show_summary(summarize([rec, rec]), "tiny-llama · streamingllm-original · passkey")
+    finally:
+        cli_module.out = real
+    text = buf.getvalue()
+    assert "…" not in text and max(len(x) for x in text.splitlines()) <= 80
+    header = next(x for x in text.splitlines() if "length" in x)
+    assert all(h in header for h in cli_module.SUMMARY_HEADERS.values())
+    assert "1048576" in text and "81920.0" in text  # values whole too
