@@ -11,8 +11,10 @@ Records are keyed by a hash of everything that determines the sample's result, n
 run reuses exactly the finished samples whose key still matches; a torn last line (a killed writer) is dropped.
 
 The read side lives here too, one reader for every command: `read_run` (one run directory, read-only, with
-the records that count, see `current_records`), `load_runs` (every run under a root as one tidy per-sample
-table) and `read_table` (that table from a run root or from a tidy.csv / tidy.parquet written by `report`).
+the records that count, see `current_records`, and what else it holds, counted), `scan_runs` (every run
+directory under a root: one row per sample, the same content key in several directories folded, unreadable
+runs listed with the reason), `load_runs` (its tidy per-sample table) and `read_table` (that table from a run
+root or from a tidy.csv / tidy.parquet written by `report`).
 """
 
 from __future__ import annotations
@@ -219,7 +221,10 @@ def read_samples(samples_path: Path) -> SamplesFile:
     `RunStore.load_records`)."""
     if not samples_path.is_file():
         return SamplesFile([], [], False)
-    lines = samples_path.read_bytes().split(b"\n")
+    try:
+        lines = samples_path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise UserError(f"Cannot read '{samples_path}' ({e.strerror}).") from None
     torn = lines[-1].strip() != b""  # a complete file ends with a newline
     records, bad = [], []
     for number, line in enumerate(lines, start=1):
@@ -229,11 +234,21 @@ def read_samples(samples_path: Path) -> SamplesFile:
             rec = None if torn and number == len(lines) else json.loads(line)
         except ValueError:
             rec = None
-        if isinstance(rec, dict):
+        if _is_record(rec):
             records.append(rec)
         else:
             bad.append(number)
     return SamplesFile(records, bad, torn)
+
+
+def _is_record(rec: Any) -> bool:
+    """A JSON object with the fields every reader computes with of the right type (or absent)."""
+    if not isinstance(rec, dict):
+        return False
+    number = (int, float, type(None))
+    return (all(isinstance(rec.get(k), number) and not isinstance(rec.get(k), bool)
+                for k in ("score", "length", "depth", "prefill_s", "decode_s", "peak_mem_bytes", "n_input_tokens"))
+            and all(isinstance(rec.get(k), (str, type(None))) for k in ("key", "cell_key", "sample_id", "status")))
 
 
 def read_config(run_dir: Path) -> dict:

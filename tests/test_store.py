@@ -142,3 +142,15 @@ def test_run_target_names_the_shard_directory_that_merge_finds(tmp_path):
     assert (part.dir, part.shard) == (tmp_path / "r-shard1of3", (1, 3))
     m = SHARD_DIR.match(part.dir.name)
     assert (m["base"], m["i"], m["n"]) == ("r", "1", "3")
+
+
+def test_read_samples_lists_every_line_it_cannot_use_and_never_modifies_the_file(tmp_path):
+    from infllm_eval.store import read_samples
+
+    good = json.dumps({"key": "a", "status": "ok", "score": 1.0})
+    text = "\n".join([good, "not json", "[1, 2]", '{"key": "b", "score": "high"}', "", good[:9]])
+    (tmp_path / "samples.jsonl").write_text(text)
+    got = read_samples(tmp_path / "samples.jsonl")
+    assert [r["key"] for r in got.records] == ["a"] and got.bad_lines == [2, 3, 4, 6] and got.torn
+    assert (tmp_path / "samples.jsonl").read_text() == text
+    assert read_samples(tmp_path / "missing.jsonl").records == []
