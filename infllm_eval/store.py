@@ -413,15 +413,20 @@ def _dtype_candidates(cfg: dict, device_type: str) -> list[str]:
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 
 
-def run_status(run_dir: Path) -> str:
+def run_status(run_dir: Path, n_counted: int | None = None) -> str:
     """`complete` when summary.csv is at least as new as samples.jsonl (the runner, `merge` and `score` write
-    it last); else `interrupted` (killed, still running, or appended to after its summary)."""
+    it last) or, for a copy whose file times were not kept, when its `n` adds up to the `n_counted` samples
+    that count; else `interrupted` (killed, still running, or appended to after its summary)."""
     summary, samples = run_dir / SUMMARY_CSV, run_dir / SAMPLES_FILE
     if not summary.is_file():
         return INTERRUPTED
-    if samples.is_file() and samples.stat().st_mtime_ns > summary.stat().st_mtime_ns:
+    if not samples.is_file() or samples.stat().st_mtime_ns <= summary.stat().st_mtime_ns:
+        return COMPLETE
+    try:
+        n = pd.read_csv(summary)["n"].sum()
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
         return INTERRUPTED
-    return COMPLETE
+    return COMPLETE if n_counted is not None and n == n_counted else INTERRUPTED
 
 
 @dataclass
@@ -450,7 +455,7 @@ def read_run(run_dir: str | Path) -> RunContents:
     keys = {m["key"] for m in mine}
     other = sum(r.get("key") not in keys for r in samples.records)
     return RunContents(run_dir, cfg, prov, inside, outside, other, samples.bad_lines, samples.torn,
-                       run_status(run_dir))
+                       run_status(run_dir, len(inside)))
 
 
 def find_runs(root: Path) -> list[Path]:

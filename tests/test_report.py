@@ -315,6 +315,11 @@ def test_interrupted_runs_and_unreadable_lines_are_flagged_in_report_and_tidy(tm
         f.write(json.dumps({**_rec("infllm", 100, 0.5, 1, 1.0), "cell_key": "c2", "key": "c2-x"}) + "\n")
     os.utime(b / "samples.jsonl", ns=(time.time_ns() + 10**9,) * 2)
     assert set(load_runs(tmp_path)["run_status"]) == {"interrupted"}
+    # a copy that did not keep file times: a summary whose n adds up to the samples that count is complete
+    c = make_run(tmp_path / "copy", "c", [_rec("full", 100, 0.5, 0, 1.0)])
+    (c / "summary.csv").write_text("model,n\nm,1\n")
+    os.utime(c / "samples.jsonl", ns=(time.time_ns() + 10**9,) * 2)
+    assert set(load_runs(tmp_path / "copy")["run_status"]) == {"complete"}
 
 
 def test_unreadable_runs_are_listed_and_the_others_reported(tmp_path):
