@@ -4,8 +4,10 @@ shrunk-grid and unreadable run directories. Seeded loop (hypothesis is not a dep
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -40,7 +42,12 @@ def _write_run(d: Path, method: str, records: list[dict], task: dict, shard: str
             "device": "cpu"}
     (d / "provenance.json").write_text(json.dumps(prov))
     (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (d / "summary.csv").write_text("x\n")  # complete unless a scenario says otherwise
+
+
+def _finish(d: Path) -> None:
+    """The summary, written last, as the runner does (a complete run)."""
+    (d / "summary.csv").write_text("x\n")
+    os.utime(d / "samples.jsonl", ns=(time.time_ns() - 10**9,) * 2)
 
 
 def _scenario(root: Path, rng: random.Random) -> dict:
@@ -71,11 +78,13 @@ def _scenario(root: Path, rng: random.Random) -> dict:
                 f.write(json.dumps(records[0])[:15])
                 want["bad_lines"] += 1
         if "interrupted" in kinds or "torn" in kinds:  # a torn line means its writer died: no summary after it
-            (d / "summary.csv").unlink()
             want["interrupted"] += 1
+        else:
+            _finish(d)
         want["keys"] |= {r["key"] for r in inside}
         if "duplicate" in kinds:  # the same samples again in a sibling directory (a kill / resume elsewhere)
             _write_run(root / f"copy{k}-{method}", method, inside, task)
+            _finish(root / f"copy{k}-{method}")
             want["dup"] += len(inside)
     return want
 
@@ -94,11 +103,11 @@ def _shards(root: Path, rng: random.Random) -> tuple[int, int]:
         recs = [_record("full", 100, 0.0, k, rng) for k in range(i, 8, n)]
         _write_run(d, "full", recs, {"lengths": [100], "depths": [0.0], "samples": 8}, f"{i}/{n}")
         records += len(recs)
-        if kind == "interrupted":
-            (d / "summary.csv").unlink()
         if kind == "corrupt":
             with open(d / "samples.jsonl", "a") as f:
                 f.write("not json\n")
+        if kind != "interrupted":
+            _finish(d)
     return records, dead
 
 
