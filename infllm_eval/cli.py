@@ -188,21 +188,26 @@ def check(
     baseline: str = typer.Option(..., "--baseline", help="per-sample tidy CSV (or Parquet) to compare with"),
     tolerance: Optional[float] = typer.Option(None, help="score points a cell may drop (conf/tools.yaml)"),
     alpha: Optional[float] = typer.Option(None, help="one-sided significance level (conf/tools.yaml)"),
+    bootstrap: Optional[int] = typer.Option(None, help="paired-bootstrap resamples (conf/tools.yaml)"),
     by_depth: bool = typer.Option(False, "--by-depth", help="compare each depth as its own cell"),
     allow_failures: Optional[bool] = typer.Option(None, "--allow-failures/--no-allow-failures",
                                                   help="newly failing samples do not fail the gate"),
 ) -> None:
-    """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
+    """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test) or samples
+    now fail; exit 2 when cells cannot be compared (nothing in common, another task fingerprint)."""
     from infllm_eval.commands.check import check as run_check
 
     d = tool_defaults("check")
     res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,
-                    alpha=d["alpha"] if alpha is None else alpha, n_boot=int(d["bootstrap"]),
+                    alpha=d["alpha"] if alpha is None else alpha,
+                    n_boot=d["bootstrap"] if bootstrap is None else bootstrap,
                     seed=int(d["seed"]), by_depth=by_depth,
                     allow_failures=d["allow_failures"] if allow_failures is None else allow_failures)
     print(res.markdown())
-    if res.failed:
+    if res.regressed:
         raise typer.Exit(1)
+    if res.failed:
+        raise UserError(res.problem())
 
 
 @app.command("merge")
