@@ -270,18 +270,25 @@ def score(
                                        "a run directory: its config's metric)"),
     per_sample: Optional[str] = typer.Option(None, "--per-sample", help="write each line's score (0-1) here"),
     e: bool = typer.Option(False, "--e", help="LongBench-E split by length (implied by a task ending in _e)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="a run directory's rescored records and summary "
+                                          "go here (default: RUN_DIR/rescored-<metric>); the run is not changed"),
 ) -> None:
     """Score saved predictions with the official scorers, without a model: prints round(100 * mean, 2)."""
     from pathlib import Path
 
-    from infllm_eval.commands.score import rescore_run, score_file, write_per_sample
-    from infllm_eval.store import SAMPLES_FILE, SUMMARY_CSV
+    from infllm_eval.commands.score import RESCORED_FILE, rescore_run, score_file, write_per_sample
 
     if Path(path).is_dir():
-        metric, n, summary = rescore_run(path, task)
+        if per_sample or e:
+            raise UserError(f"--{'per-sample' if per_sample else 'e'} applies to a predictions file; a run "
+                            f"directory's per-sample scores go to {RESCORED_FILE} (--out).")
+        metric, n, summary, target = rescore_run(path, task, out_dir)
         show_summary(summary, title=f"rescored with {metric}")
-        print(f"rescored {n} samples with {metric}; rewrote {SAMPLES_FILE} and {SUMMARY_CSV}/.md in {path}")
+        print(f"rescored {n} samples with {metric} -> {target}/{RESCORED_FILE} (+ summary.csv/.md); "
+              f"the run's own files are unchanged")
         return
+    if out_dir:
+        raise UserError("--out applies to a run directory; for a predictions file use --per-sample FILE.")
     res = score_file(path, task, buckets=e)
     print(f"{res.task} ({res.metric}, {len(res.scores)} samples): {res.aggregate}")
     if res.buckets:
