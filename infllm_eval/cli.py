@@ -230,13 +230,16 @@ def merge(
 def plan(
     overrides: Optional[list[str]] = OVERRIDES,
     multirun: bool = typer.Option(False, "-m", "--multirun", help="Plan every cell of a sweep."),
-    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="memory per cell (default: here)"),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="device memory per cell (conf/tools.yaml; "
+                                              "null: this machine's GPU, its RAM for a CPU target)"),
+    host_budget_gb: Optional[float] = typer.Option(None, "--host-budget-gb", help="host memory per cell for "
+                                                   "offloaded KV (conf/tools.yaml; null: this machine's RAM)"),
 ) -> None:
     """Dry run: cells, samples, tokens and estimated peak memory per cell; no model weights load."""
     from infllm_eval.commands.plan import plan_cells, plan_markdown
 
     overrides = list(overrides or [])
-    rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb)
+    rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb, host_budget_gb)
     print(plan_markdown(rows))
 
 
