@@ -71,26 +71,48 @@ def make(
 ) -> None:
     """Write synthetic ∞-Bench rows sized in a model's tokens (run them with task.data_dir=<folder of --out>)."""
     from infllm_eval.config import compose
-    from infllm_eval.tasks.synthetic import GENERATORS, load_tokenizer, make_rows
+    from infllm_eval.tasks.synthetic import GENERATORS, check_request, load_tokenizer, make_rows
 
     if task not in GENERATORS:
         raise unknown_name("synthetic task", task, list(GENERATORS))
-    length_values = _numbers(lengths, int, "--lengths")  # bad input fails before a tokenizer loads
-    depth_values = _numbers(depths, float, "--depths") if depths else None
+    # bad input fails before a tokenizer loads or anything is written
+    length_values = _numbers(lengths, int, "--lengths")
+    depth_values = _numbers(depths, float, "--depths") if depths is not None else None
     cfg = compose(["task=passkey", *([f"model={model}"] if model else [])])
-    rows = make_rows(
-        task, load_tokenizer(cfg.model), length_values,
-        depth_values if depth_values is not None else [float(d) for d in cfg.task.depths],
-        int(cfg.task.samples if samples is None else samples), int(cfg.seed if seed is None else seed),
-    )
-    target = Path(out or f"{task}.jsonl").expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
+    depth_values = depth_values if depth_values is not None else [float(d) for d in cfg.task.depths]
+    n_samples = cfg.task.samples if samples is None else samples
+    check_request(task, length_values, depth_values, n_samples)
+    target = _writable_target(Path(out or f"{task}.jsonl").expanduser())
+    rows = make_rows(task, load_tokenizer(cfg.model), length_values, depth_values, n_samples,
+                     int(cfg.seed if seed is None else seed))
+    _write_rows(target, rows)
     typer.echo(f"{len(rows)} rows -> {target} (run: task=infbench_{task} task.data_dir={target.parent})")
+
+
+def _writable_target(target: Path) -> Path:
+    """--out, checked before any work: not a folder, and its nearest existing folder is writable."""
+    if target.is_dir():
+        raise UserError(f"--out '{target}' is a folder; pass a file name such as {target / 'passkey.jsonl'}.")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write --out '{target}': '{parent}' is not a writable folder.")
+    return target
+
+
+def _write_rows(target: Path, rows: list[dict]) -> None:
+    """Writes the rows atomically (a temporary file, then a rename); on failure nothing is left behind."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise UserError(f"Cannot write --out '{target}' ({e.strerror or e}).") from None
 
 
 def _numbers(text: str, kind: type, option: str) -> list:
