@@ -359,3 +359,20 @@ def test_data_make_bad_requests_exit_2_and_write_nothing(tmp_path, args, needle)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_failed_write_is_one_sentence_and_leaves_nothing(tmp_path):
+    from infllm_eval.commands.data import _write_rows
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="Cannot write --out"):
+        _write_rows(tmp_path / "file" / "rows.jsonl", [{"id": 0}])
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("to,needle", [("/proc/x", "'/proc' is not a writable folder"),
+                                       ("{tmp}/file", "is a file, not a folder")])
+def test_data_download_to_an_unwritable_folder_is_refused_before_any_download(tmp_path, to, needle):
+    (tmp_path / "file").write_text("x")
+    r = cli("data", "download", "trec_e", "--to", to.replace("{tmp}", str(tmp_path)))
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1

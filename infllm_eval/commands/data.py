@@ -50,12 +50,37 @@ def download(
     to: str | None = typer.Option(None, "--to", help="also copy the jsonl files here (use as task.data_dir=DIR)"),
 ) -> None:
     """Fetch the benchmarks' own jsonl files into the Hugging Face cache (and, with --to, a folder)."""
+    import zipfile
+
     from infllm_eval.tasks import load_definition
     from infllm_eval.tasks.data import download as fetch
 
-    for name in resolve(names):
-        where = fetch(load_definition(name), to)
+    tasks = resolve(names)
+    if to:
+        _writable_folder(Path(to).expanduser(), f"--to '{to}'")  # before any download
+    for name in tasks:
+        try:
+            where = fetch(load_definition(name), to)
+        except (OSError, zipfile.BadZipFile) as e:  # a full disk, a folder that went away, a corrupt cached archive
+            raise UserError(f"Downloading {name} failed ({getattr(e, 'strerror', None) or e}); the tasks listed "
+                            "above are done, re-run for the rest.") from None
         typer.echo(f"{name}: {where}")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """A folder that is, or can be created, writable: its nearest existing ancestor is a writable folder."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"Cannot write {what}: '{folder}' is a file, not a folder.")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or _pseudo_fs(parent):
+        raise UserError(f"Cannot write {what}: '{parent}' is not a writable folder.")
+
+
+def _pseudo_fs(path: Path) -> bool:
+    """/proc and /sys accept no new files, whatever os.access says (as root it says yes)."""
+    return path.resolve().parts[1:2] in (("proc",), ("sys",))
 
 
 @data_app.command("make")
@@ -93,11 +118,7 @@ def _writable_target(target: Path) -> Path:
     """--out, checked before any work: not a folder, and its nearest existing folder is writable."""
     if target.is_dir():
         raise UserError(f"--out '{target}' is a folder; pass a file name such as {target / 'passkey.jsonl'}.")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot write --out '{target}': '{parent}' is not a writable folder.")
+    _writable_folder(target.parent, f"--out '{target}'")
     return target
 
 
