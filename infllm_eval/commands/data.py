@@ -132,7 +132,8 @@ def _write_rows(target: Path, rows: list[dict]) -> None:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, target)
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
         raise UserError(f"Cannot write --out '{target}' ({e.strerror or e}).") from None
 
 
