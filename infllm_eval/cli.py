@@ -199,21 +199,26 @@ def check(
     baseline: str = typer.Option(..., "--baseline", help="per-sample tidy CSV (or Parquet) to compare with"),
     tolerance: Optional[float] = typer.Option(None, help="score points a cell may drop (conf/tools.yaml)"),
     alpha: Optional[float] = typer.Option(None, help="one-sided significance level (conf/tools.yaml)"),
+    bootstrap: Optional[int] = typer.Option(None, help="paired-bootstrap resamples (conf/tools.yaml)"),
     by_depth: bool = typer.Option(False, "--by-depth", help="compare each depth as its own cell"),
     allow_failures: Optional[bool] = typer.Option(None, "--allow-failures/--no-allow-failures",
                                                   help="newly failing samples do not fail the gate"),
 ) -> None:
-    """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test)."""
+    """Regression gate: exit 1 when a cell drops beyond the tolerance and significantly (paired test) or samples
+    now fail; exit 2 when cells cannot be compared (nothing in common, another task fingerprint)."""
     from infllm_eval.commands.check import check as run_check
 
     d = tool_defaults("check")
     res = run_check(results, baseline, tolerance=d["tolerance"] if tolerance is None else tolerance,
-                    alpha=d["alpha"] if alpha is None else alpha, n_boot=int(d["bootstrap"]),
+                    alpha=d["alpha"] if alpha is None else alpha,
+                    n_boot=d["bootstrap"] if bootstrap is None else bootstrap,
                     seed=int(d["seed"]), by_depth=by_depth,
                     allow_failures=d["allow_failures"] if allow_failures is None else allow_failures)
     print(res.markdown())
-    if res.failed:
+    if res.regressed:
         raise typer.Exit(1)
+    if res.failed:
+        raise UserError(res.problem())
 
 
 @app.command("merge")
@@ -240,13 +245,16 @@ def merge(
 def plan(
     overrides: Optional[list[str]] = OVERRIDES,
     multirun: bool = typer.Option(False, "-m", "--multirun", help="Plan every cell of a sweep."),
-    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="memory per cell (default: here)"),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="device memory per cell (conf/tools.yaml; "
+                                              "null: this machine's GPU, its RAM for a CPU target)"),
+    host_budget_gb: Optional[float] = typer.Option(None, "--host-budget-gb", help="host memory per cell for "
+                                                   "offloaded KV (conf/tools.yaml; null: this machine's RAM)"),
 ) -> None:
     """Dry run: cells, samples, tokens and estimated peak memory per cell; no model weights load."""
     from infllm_eval.commands.plan import plan_cells, plan_markdown
 
     overrides = list(overrides or [])
-    rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb)
+    rows = plan_cells(expand_sweep(overrides) if multirun else [overrides], budget_gb, host_budget_gb)
     print(plan_markdown(rows))
 
 
@@ -280,18 +288,25 @@ def score(
                                        "a run directory: its config's metric)"),
     per_sample: Optional[str] = typer.Option(None, "--per-sample", help="write each line's score (0-1) here"),
     e: bool = typer.Option(False, "--e", help="LongBench-E split by length (implied by a task ending in _e)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="a run directory's rescored records and summary "
+                                          "go here (default: RUN_DIR/rescored-<metric>); the run is not changed"),
 ) -> None:
     """Score saved predictions with the official scorers, without a model: prints round(100 * mean, 2)."""
     from pathlib import Path
 
-    from infllm_eval.commands.score import rescore_run, score_file, write_per_sample
-    from infllm_eval.store import SAMPLES_FILE, SUMMARY_CSV
+    from infllm_eval.commands.score import RESCORED_FILE, rescore_run, score_file, write_per_sample
 
     if Path(path).is_dir():
-        metric, n, summary = rescore_run(path, task)
+        if per_sample or e:
+            raise UserError(f"--{'per-sample' if per_sample else 'e'} applies to a predictions file; a run "
+                            f"directory's per-sample scores go to {RESCORED_FILE} (--out).")
+        metric, n, summary, target = rescore_run(path, task, out_dir)
         show_summary(summary, title=f"rescored with {metric}")
-        print(f"rescored {n} samples with {metric}; rewrote {SAMPLES_FILE} and {SUMMARY_CSV}/.md in {path}")
+        print(f"rescored {n} samples with {metric} -> {target}/{RESCORED_FILE} (+ summary.csv/.md); "
+              f"the run's own files are unchanged")
         return
+    if out_dir:
+        raise UserError("--out applies to a run directory; for a predictions file use --per-sample FILE.")
     res = score_file(path, task, buckets=e)
     print(f"{res.task} ({res.metric}, {len(res.scores)} samples): {res.aggregate}")
     if res.buckets:

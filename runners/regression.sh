@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU regression gate: every sweep under results/baselines/ (NAME.args, one override per line) is run and checked
 # sample by sample against its committed baseline NAME.csv: tiny-model cells and a real SmolLM2 InfLLM cell.
-#   bash runners/regression.sh            # run + check all (exit 1 on a significant drop or new failures)
+#   bash runners/regression.sh            # run + check all (exit 1 on a significant drop or new failures;
+#                                         # 2 when a baseline cannot be compared: check's own exit codes)
 #   bash runners/regression.sh tiny-passkey            # one baseline
 #   bash runners/regression.sh --update [NAME...]      # run + overwrite the baseline(s); commit them with the change
 # OUT=dir picks the run root (default results/runs/regression, git-ignored); each baseline runs in OUT/NAME.
@@ -27,7 +28,8 @@ for name in "${NAMES[@]}"; do
     echo "baseline updated: $BASE.csv"
   else
     echo "## $name"
-    "$BIN" check "$OUT/$name" --baseline "$BASE.csv" || status=1
+    rc=0; "$BIN" check "$OUT/$name" --baseline "$BASE.csv" || rc=$?
+    if (( rc > status )); then status=$rc; fi
   fi
 done
 exit $status

@@ -151,3 +151,78 @@ def test_smollm2_infllm_cell_matches_committed_baseline(tmp_path):
     assert "PASS" in r.stdout and "1 ok" in r.stdout
     # the committed baseline is a real signal: the needle comes back from memory in every sample
     assert pd.read_csv(base.with_suffix(".csv"))["score"].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+# -- issue 24: say what happened to a drop; settings and unreadable tables are user errors (exit 2) --------------
+def test_a_drop_beyond_tolerance_without_significance_is_said_with_p_n_and_pairs_needed():
+    base = table({("full", 100): [1] * 9})
+    cur = table({("full", 100): [1] * 7 + [0, 0]})  # 22 points down, 2 discordant pairs: p = 0.25
+    res = compare(cur, base, **GATE)
+    cell = res.cells.iloc[0]
+    assert not res.failed and not res.regressed and cell["verdict"] == "not significant"
+    md = res.markdown()
+    assert "No cell changed" not in md
+    assert "dropped by 22.22 points, not significant (p = 0.25) with n = 9 pairs" in md
+    # 2 of 9 pairs worse: 5 of 22 is the first scaled count with p < 0.05 (0.5 ** 5 = 0.031)
+    assert "about 22 pairs would make a drop this size significant at alpha 0.05" in md
+
+
+def test_pairs_needed_for_bootstrap_scores_follows_the_normal_approximation():
+    from infllm_eval.commands.check import pairs_needed
+
+    base = np.array([0.5, 0.6, 0.7, 0.8])
+    cur = base - np.array([0.1, 0.0, 0.2, -0.1])  # mean drop 0.05, sd 0.129
+    assert pairs_needed(base, cur, 0.05) == 19  # ceil((1.645 * 0.129 / 0.05) ** 2)
+    assert pairs_needed(base, base + 0.1, 0.05) is None  # no drop
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--alpha", "0", "--alpha must be"), ("--alpha", "1.5", "--alpha must be"),
+    ("--tolerance", "-1", "--tolerance must be"), ("--bootstrap", "0", "--bootstrap must be"),
+])
+def test_gate_settings_are_validated(tmp_path, option, value, needle):
+    path = tmp_path / "t.csv"
+    table({("full", 100): [1, 0]}).to_csv(path, index=False)
+    r = _cli("check", str(path), "--baseline", str(path), option, value)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _bad_tables(tmp_path) -> dict:
+    good = table({("full", 100): [1, 0]})
+    (tmp_path / "empty.csv").write_text("")
+    good.assign(length="abc").to_csv(tmp_path / "length.csv", index=False)
+    good.assign(score=["x", "1"]).to_csv(tmp_path / "score.csv", index=False)
+    good.assign(score=[100.0, 0.0]).to_csv(tmp_path / "percent.csv", index=False)
+    (tmp_path / "corrupt.parquet").write_bytes(b"not parquet")
+    good.drop(columns="task").to_csv(tmp_path / "column.csv", index=False)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81")
+    return {"empty.csv": "Cannot read the baseline", "length.csv": "non-numeric length",
+            "score.csv": "non-numeric score", "percent.csv": "scores are 0-1", "corrupt.parquet": "Cannot read",
+            "column.csv": "no column task", "binary.csv": "Cannot read", "missing.csv": "does not exist"}
+
+
+def test_an_unreadable_baseline_is_exit_2_one_sentence_never_a_regression(tmp_path):
+    good = tmp_path / "good.csv"
+    table({("full", 100): [1, 0]}).to_csv(good, index=False)
+    for name, needle in _bad_tables(tmp_path).items():
+        r = _cli("check", str(good), "--baseline", str(tmp_path / name))
+        assert r.returncode == 2, (name, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+
+
+def test_nothing_comparable_is_exit_2_a_regression_exit_1(tmp_path):
+    a, b, worse = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "worse.csv"
+    table({("full", 100): [1] * 8}).to_csv(a, index=False)
+    table({("full", 200): [1] * 8}).to_csv(b, index=False)  # another grid: nothing in common
+    table({("full", 100): [0] * 8}).to_csv(worse, index=False)
+    r = _cli("check", str(a), "--baseline", str(b))
+    assert r.returncode == 2 and "nothing was compared" in r.stderr and "missing in results" in r.stdout
+    r = _cli("check", str(a), "--baseline", str(a.with_name("a.csv")))
+    assert r.returncode == 0 and "PASS" in r.stdout
+    r = _cli("check", str(worse), "--baseline", str(a))
+    assert r.returncode == 1 and "REGRESSION" in r.stdout
+    table({("full", 100): [1] * 8}).assign(task_fingerprint="other").to_csv(b, index=False)
+    r = _cli("check", str(a), "--baseline", str(b))
+    assert r.returncode == 2 and "task_fingerprint differs" in r.stderr

@@ -310,3 +310,69 @@ def test_the_tokenizer_of_an_uncached_hub_model_is_a_user_error(tmp_path, monkey
         load_tokenizer(model)
     with pytest.raises(UserError, match="is not a model directory"):
         load_tokenizer(compose(["model=qwen2", f"model.path={tmp_path}"]).model)
+
+
+# -- issue 24: lengths the template cannot meet, empty requests, an unwritable --out ----------------------------
+@pytest.mark.parametrize("task", ["passkey", "number_string", "kv_retrieval"])
+def test_a_length_the_template_cannot_meet_is_refused_never_mislabelled(tok, task):
+    with pytest.raises(UserError, match="--lengths 10 is shorter than the shortest"):
+        make_rows(task, tok, [400, 10], [0.5], 1, 0)
+    if task != "kv_retrieval":  # each row checks again: a key may tokenize longer than the ones probed
+        import random
+
+        from infllm_eval.tasks.synthetic import _needle_row, _Sizer
+
+        sizer = _Sizer(tok, load_definition(f"infbench_{task}")["profiles"]["infllm"]["template"])
+        with pytest.raises(UserError, match="shorter than this needle's prompt"):
+            _needle_row(load_definition(task), sizer, 10, 0.5, random.Random(0))
+    for length in range(60, 140):  # around the shortest prompt: every row written is its label's length
+        try:
+            rows = make_rows(task, tok, [length], [0.0, 0.5, 1.0], 3, 0)
+        except UserError as e:
+            assert "shorter than" in str(e)
+            continue
+        slack = 0 if task != "kv_retrieval" else 60  # kv rows: within half a pair, at most ~1 pair here
+        assert all(abs(r["n_tokens"] - r["length"]) <= slack for r in rows), (length, rows[0]["n_tokens"])
+
+
+@pytest.mark.parametrize("lengths,depths,samples,needle", [
+    ([], [0.5], 1, "--lengths names no length"), ([400], [], 1, "--depths names no depth"),
+    ([400], [0.5], 0, "--samples must be a positive"), ([400], [0.5], -2, "--samples must be a positive"),
+])
+def test_empty_requests_are_refused(tok, lengths, depths, samples, needle):
+    with pytest.raises(UserError, match=needle):
+        make_rows("passkey", tok, lengths, depths, samples, 0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lengths", "10"], "shorter than the shortest passkey prompt"),
+    (["--lengths", ","], "--lengths names no length"),
+    (["--lengths", "400", "--samples", "0"], "--samples must be a positive"),
+    (["--lengths", "400", "--depths", ","], "--depths names no depth"),
+    (["--lengths", "400", "--out", "/proc/x/y.jsonl"], "Cannot write --out '/proc/x/y.jsonl'"),
+    (["--lengths", "400", "--out", "{tmp}"], "is a folder"),
+])
+def test_data_make_bad_requests_exit_2_and_write_nothing(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "p.jsonl")]
+    r = cli("data", "make", "passkey", "--model", "tiny-llama", *args, *out)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_failed_write_is_one_sentence_and_leaves_nothing(tmp_path):
+    from infllm_eval.commands.data import _write_rows
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="Cannot write --out"):
+        _write_rows(tmp_path / "file" / "rows.jsonl", [{"id": 0}])
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("to,needle", [("/proc/x", "'/proc' is not a writable folder"),
+                                       ("{tmp}/file", "is a file, not a folder")])
+def test_data_download_to_an_unwritable_folder_is_refused_before_any_download(tmp_path, to, needle):
+    (tmp_path / "file").write_text("x")
+    r = cli("data", "download", "trec_e", "--to", to.replace("{tmp}", str(tmp_path)))
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -101,6 +101,7 @@ def test_plan_sweep_lists_cells_and_flags_what_cannot_fit():
             for m in ("full", "infllm")
         ],
         budget_gb=80,
+        host_budget_gb=256,
     )
     fits = {(r["method"], r["length"]): r["fits"] for r in rows}
     assert fits == {
@@ -152,3 +153,56 @@ def test_shape_comes_from_a_local_config_json_when_there_is_one(tmp_path):
     )
     shape = model_shape(compose(["model=mistral", f"model.path={tmp_path}"]).model)
     assert (shape["num_hidden_layers"], shape["head_dim"], shape["num_key_value_heads"]) == (3, 32, 1)
+
+
+# -- issue 24: a target device this machine lacks; host memory for offloaded units -------------------------------
+def test_a_cuda_target_without_cuda_here_takes_the_budget_given_or_says_it_needs_one(monkeypatch):
+    import torch
+
+    from infllm_eval.commands.plan import budget_bytes
+    from infllm_eval.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA GPU.*--budget-gb"):
+        budget_bytes(None, "cuda")
+    assert budget_bytes(80, "cuda") == 80 * GIB
+    rows = plan_cells([["model=mistral", "method=full", "task.lengths=[4096]", "device=cuda"]], budget_gb=80)
+    assert rows[0]["device"] == "cuda" and rows[0]["dtype"] == "bfloat16" and rows[0]["fits"]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(UserError, match="--budget-gb must be a positive number"):
+            budget_bytes(bad, "cuda")
+
+
+def test_offloaded_units_must_fit_host_memory_both_parts_shown():
+    from infllm_eval.commands.plan import plan_markdown
+
+    cells = [["model=mistral", "method=infllm", "task.lengths=[32768,1048576]", "device=cuda"]]
+    rows = plan_cells(cells, budget_gb=80, host_budget_gb=64)
+    by_length = {r["length"]: r for r in rows}
+    big = by_length[1048576]
+    assert big["host"] == big["kv_host"] > 120 * GIB  # ~128 GiB of offloaded units at 1M tokens
+    assert big["fits_device"] and not big["fits_host"] and not big["fits"]
+    assert by_length[32768]["fits"]
+    md = plan_markdown(rows)
+    assert "| device fits | host fits |" in md and "| yes | **NO** |" in md
+    assert "80.00 GiB device, 64.00 GiB host" in md and "mistral/infllm/passkey@1048576 (127.49 GiB host)" in md
+    assert all(r["fits"] for r in plan_cells(cells, budget_gb=80, host_budget_gb=256))
+    # on a CPU target device and host are one memory: everything counts against the host budget too
+    cpu = plan_cells([["model=mistral", "method=full", "task.lengths=[32768]", "device=cpu"]], budget_gb=1000,
+                     host_budget_gb=16)[0]
+    assert cpu["host"] == cpu["peak"] and not cpu["fits_host"] and not cpu["fits"]
+
+
+def test_cli_plan_for_cuda_without_a_budget_is_one_sentence(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: its GPU is the budget")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    args = [sys.executable, "-m", "infllm_eval.cli", "plan", "model=mistral", "device=cuda"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--budget-gb" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*args, "--budget-gb", "80", "--host-budget-gb", "-3"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2 and "--host-budget-gb must be a positive number" in r.stderr

@@ -185,44 +185,65 @@ def make_run(tmp_path: Path, records: list[dict], cell: str = "cell-1") -> Path:
     return run
 
 
-def test_rescore_run_rewrites_scores_and_summary(tmp_path: Path) -> None:
-    stale = record(9, "12345", cell="old-cell")  # an earlier config's record: rescored, not summarized
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_rescore_run_writes_elsewhere_and_never_changes_the_run(tmp_path: Path) -> None:
+    stale = record(9, "12345", cell="old-cell")  # an earlier config's record: does not count, not rescored
     run = make_run(
         tmp_path,
         [record(0, "The pass key is 12345."), record(1, "54321"), record(2, None, status="error"), stale],
     )
-    metric, n, summary = rescore_run(run)
-    assert (metric, n) == ("first_int_match", 3)  # from tasks/passkey.yaml
-    records = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
-    assert [r["score"] for r in records] == [1.0, 0.0, None, 1.0]
-    assert records[0]["prediction"] == "The pass key is 12345."  # everything else kept
-    assert (
-        summary["n"].tolist() == [3]
-        and summary["n_ok"].tolist() == [2]
-        and summary["score"].tolist() == [50.0]
-    )
-    expected = summarize(records[:3])
-    assert (run / "summary.md").read_text() == to_markdown(expected)
-    assert (run / "summary.csv").read_text() == expected.to_csv(index=False)
+    (run / "summary.csv").write_text("the run's own summary\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    metric, n, summary, out = rescore_run(run)
+    assert (metric, n) == ("first_int_match", 2)  # from tasks/passkey.yaml
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # the run is untouched
+    assert out == run / "rescored-first_int_match"
+    records = _lines(out / "rescored.jsonl")
+    assert [r["score"] for r in records] == [1.0, 0.0, None]
+    assert [r.get("original_score") for r in records] == [0.0, 0.0, None]
+    assert records[0]["metric"] == "first_int_match" and records[0]["prediction"] == "The pass key is 12345."
+    assert summary[["n", "n_ok", "score"]].values.tolist() == [[3, 2, 50.0]]
+    expected = summarize(records)
+    assert (out / "summary.md").read_text() == to_markdown(expected)
+    assert (out / "summary.csv").read_text() == expected.to_csv(index=False)
 
 
 def test_rescore_run_with_another_metric_and_bad_records(tmp_path: Path) -> None:
     run = make_run(tmp_path, [record(0, "12345"), record(1, "The pass key is 12345.")])
-    metric, _, summary = rescore_run(run, task="exact_match")
-    assert metric == "exact_match" and summary["score"].tolist() == [50.0]
+    samples = (run / "samples.jsonl").read_bytes()
+    metric, _, summary, out = rescore_run(run, task="exact_match", out=tmp_path / "em")
+    assert metric == "exact_match" and summary["score"].tolist() == [50.0] and out == tmp_path / "em"
+    assert (run / "samples.jsonl").read_bytes() == samples  # the run keeps its own metric's scores
+    with pytest.raises(UserError, match="is a run directory"):
+        rescore_run(run, out=run)  # never into a run directory
     bad = make_run(tmp_path / "b", [record(0, "12345"), {**record(1, "x"), "prediction": None}])
-    with pytest.raises(UserError, match=r"samples.jsonl line 2 has no 'prediction' field"):
+    with pytest.raises(UserError, match=r"samples.jsonl sample 'passkey-L100-d0.00-1' has no 'prediction'"):
         rescore_run(bad)
+    assert not (bad / "rescored-first_int_match").exists()  # nothing written when a record cannot be scored
     with pytest.raises(UserError, match="not a run directory"):
         rescore_run(tmp_path)
+    (bad / "samples.jsonl").unlink()
+    with pytest.raises(UserError, match="no samples.jsonl"):
+        rescore_run(bad)
 
 
-def test_cli_rescores_a_run_directory(tmp_path: Path) -> None:
+def test_cli_rescores_a_run_directory_into_another_folder(tmp_path: Path) -> None:
     run = make_run(tmp_path, [record(0, "The pass key is 12345."), record(1, "no")])
-    r = cli("score", str(run), "--task", "infbench_passkey")
+    samples = (run / "samples.jsonl").read_bytes()
+    r = cli("score", str(run), "--task", "infbench_passkey", "--out", str(tmp_path / "re"))
     assert r.returncode == 0, r.stderr
-    assert "rescored 2 samples with infbench_passkey" in r.stdout
-    assert pd.read_csv(run / "summary.csv")["score"].tolist() == [50.0]
+    assert "rescored 2 samples with infbench_passkey" in r.stdout and "unchanged" in r.stdout
+    assert pd.read_csv(tmp_path / "re" / "summary.csv")["score"].tolist() == [50.0]
+    assert (run / "samples.jsonl").read_bytes() == samples and not (run / "summary.csv").exists()
+    for extra in (["--per-sample", str(tmp_path / "x.jsonl")], ["--e"], ["--out", str(run)]):
+        r = cli("score", str(run), *extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    preds = write_jsonl(tmp_path / "trec.jsonl", trec_rows())
+    r = cli("score", str(preds), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--per-sample" in r.stderr
 
 
 def test_rescore_summary_counts_records_as_report_does(tmp_path: Path) -> None:
@@ -230,10 +251,11 @@ def test_rescore_summary_counts_records_as_report_does(tmp_path: Path) -> None:
     # of the same key, and an earlier config's records are left out
     retry_failed = {**record(0, None, status="error"), "error": "oom on a retry"}
     run = make_run(tmp_path, [record(0, "12345"), retry_failed, record(1, "12345", cell="old-cell")])
-    _, n, summary = rescore_run(run)
-    assert n == 2  # every finished record is rescored, the earlier config's too
+    _, n, summary, _ = rescore_run(run)
+    assert n == 1  # the finished record that counts; the earlier config's is not this run's result
     assert summary[["n", "n_ok", "n_error", "score"]].values.tolist() == [[1, 1, 0, 100.0]]
     from infllm_eval.store import load_runs
 
     tidy = load_runs(tmp_path)
-    assert tidy[["sample_id", "status", "score"]].values.tolist() == [["passkey-L100-d0.00-0", "ok", 1.0]]
+    # report counts the same record, with the run's own score (rescored records live apart, never read as a run)
+    assert tidy[["sample_id", "status", "score"]].values.tolist() == [["passkey-L100-d0.00-0", "ok", 0.0]]

@@ -10,8 +10,10 @@ A cell is (model, method, task, length) or, with `by_depth`, also depth. Within 
 Samples that now fail (error / oom / timeout) but finished in the baseline fail the gate unless allowed: a
 failure must never pass silently by shrinking the paired set. Cells whose task / prompt differ (task
 fingerprint or prompt profile) are not compared and fail the gate (regenerate the baseline); cells missing on
-either side are reported. `infllm-eval check` exits 1 when any cell is REGRESSION, NEW FAILURES or
-incomparable, or when no cell could be compared at all; else 0.
+either side are reported. A drop beyond the tolerance that is not significant is shown as "not significant"
+with its p-value, its number of pairs and about how many pairs would make a drop of that size significant.
+`infllm-eval check` exits 1 when any cell is REGRESSION or NEW FAILURES; 2 (with the table printed and one
+sentence) when a cell is incomparable or no cell could be compared at all, as for any other user error; else 0.
 """
 
 from __future__ import annotations
@@ -21,16 +23,36 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from infllm_eval.errors import UserError
 from infllm_eval.store import CELL, FAILED, read_table, to_markdown
 
-VERDICT_ORDER = ["REGRESSION", "NEW FAILURES", "incomparable", "missing in results", "new in results", "ok"]
+VERDICT_ORDER = ["REGRESSION", "NEW FAILURES", "incomparable", "not significant", "missing in results",
+                 "new in results", "ok"]
 FAILING = ("REGRESSION", "NEW FAILURES", "incomparable")
+REGRESSING = ("REGRESSION", "NEW FAILURES")  # exit 1; an incomparable cell is a setup problem (exit 2)
+COMPARED = ("ok", "REGRESSION", "NEW FAILURES", "not significant")
 
 
 @dataclass
 class GateResult:
     cells: pd.DataFrame  # one row per cell with verdict
     failed: bool
+
+    @property
+    def regressed(self) -> bool:
+        """A real regression (exit 1): a cell dropped significantly, or samples that finished now fail."""
+        return bool(self.cells["verdict"].isin(REGRESSING).any())
+
+    def problem(self) -> str:
+        """One sentence on why a gate that did not regress still failed ("" when it passed)."""
+        if not self.failed or self.regressed:
+            return ""
+        bad = self.cells[self.cells["verdict"] == "incomparable"]
+        if bad.empty:
+            return "No cell of the results matches a baseline cell, so nothing was compared; check the baseline."
+        first = bad.iloc[0]
+        return (f"{len(bad)} cell(s) cannot be compared with the baseline ({first['model']}/{first['method']}/"
+                f"{first['task']}@{first['length']}: {first['note']}).")
 
     def markdown(self) -> str:
         c = self.cells
@@ -40,7 +62,7 @@ class GateResult:
             + ", ".join(f"{counts[v]} {v}" for v in VERDICT_ORDER if v in counts)
             + "\n\n"
         )
-        if not c["verdict"].isin(["ok", "REGRESSION", "NEW FAILURES"]).any():
+        if not c["verdict"].isin(COMPARED).any():
             head += "No cell of the results matches a baseline cell: nothing was compared.\n\n"
         if "changed_predictions" in c and c["changed_predictions"].fillna(0).sum():
             head += (
@@ -72,12 +94,67 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _normalize(df: pd.DataFrame) -> pd.DataFrame:
+def _numeric(df: pd.DataFrame, col: str, where: str) -> pd.Series:
+    """`df[col]` as numbers; a value that is not a number is a UserError naming the table, column and value."""
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = df[col][values.isna() & df[col].notna()]
+    if len(bad):
+        raise UserError(f"{where} has a non-numeric {col} ({bad.iloc[0]!r}); pass a tidy table from `report`.")
+    return values
+
+
+def _normalize(df: pd.DataFrame, where: str = "the table") -> pd.DataFrame:
     df = df.copy()
-    df["length"] = pd.to_numeric(df["length"]).fillna(-1).astype("int64")
-    df["depth"] = pd.to_numeric(df["depth"]).round(6).fillna(-1.0)
+    df["length"] = _numeric(df, "length", where).fillna(-1).astype("int64")
+    df["depth"] = _numeric(df, "depth", where).round(6).fillna(-1.0)
+    df["score"] = _numeric(df, "score", where)
+    ok = df["status"] == "ok"
+    if df.loc[ok, "score"].isna().any() or not df.loc[ok, "score"].between(0, 1).all():
+        bad = df.loc[ok & ~df["score"].between(0, 1), "score"].iloc[0]
+        raise UserError(f"{where} has a finished sample with score {bad!r}; per-sample scores are 0-1, as "
+                        "`report`'s tidy table writes them.")
     df["sample_id"] = df["sample_id"].astype(str)
     return df
+
+
+def validate_gate(tolerance: float, alpha: float, n_boot) -> None:
+    """The gate's settings (command line or conf/tools.yaml `check:`), before any table is read."""
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha must be a significance level between 0 and 1 (e.g. 0.05); got {alpha}.")
+    if not tolerance >= 0:  # also refuses NaN
+        raise UserError(f"--tolerance must be >= 0 score points; got {tolerance}.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise UserError(f"--bootstrap must be a positive number of resamples (e.g. 10000); got {n_boot!r}.")
+
+
+def pairs_needed(base: np.ndarray, cur: np.ndarray, alpha: float) -> int | None:
+    """About how many pairs would make this cell's drop significant at `alpha`, if the same share of pairs
+    changed (McNemar: the discordant counts scaled up; other scores: the normal approximation of the paired
+    mean, n = (z * sd / mean)^2). None when no number of pairs would (no drop, or no spread to scale)."""
+    from scipy.stats import binomtest, norm
+
+    n = len(base)
+    if np.isin(base, (0.0, 1.0)).all() and np.isin(cur, (0.0, 1.0)).all():
+        worse, better = int(((base == 1) & (cur == 0)).sum()), int(((base == 0) & (cur == 1)).sum())
+        if worse <= better:
+            return None
+        size = n
+        while size < 1000 * n:
+            size = max(size + 1, int(size * 1.1))
+            w, b = round(worse * size / n), round(better * size / n)
+            if binomtest(w, w + b, 0.5, alternative="greater").pvalue < alpha:
+                return size
+        return None
+    diff = base - cur
+    if n < 2 or diff.mean() <= 0 or diff.std(ddof=1) == 0:
+        return None
+    return max(n + 1, int(np.ceil((norm.ppf(1 - alpha) * diff.std(ddof=1) / diff.mean()) ** 2)))
+
+
+def _not_significant_note(drop: float, p: float, n: int, needed: int | None, alpha: float) -> str:
+    more = (f"about {needed} pairs would make a drop this size significant at alpha {alpha:g}" if needed
+            else "run more samples")
+    return f"dropped by {drop:.2f} points, not significant (p = {p:.3g}) with n = {n} pairs; {more}"
 
 
 def paired_test(base: np.ndarray, cur: np.ndarray, n_boot: int, seed: int) -> tuple[str, float]:
@@ -109,7 +186,7 @@ def compare(
     allow_failures: bool,
     by_depth: bool = False,
 ) -> GateResult:
-    cur, base = _normalize(current), _normalize(baseline)
+    cur, base = _normalize(current, "the results"), _normalize(baseline, "the baseline")
     keys = CELL + (["depth"] if by_depth else [])
     cur_groups = dict(list(cur.groupby(keys)))
     base_groups = dict(list(base.groupby(keys)))
@@ -132,7 +209,7 @@ def compare(
         out["depth"] = out["depth"].where(out["depth"] >= 0, None)
     out["_order"] = out["verdict"].map(VERDICT_ORDER.index)
     out = out.sort_values(["_order"] + keys, kind="stable").drop(columns="_order").reset_index(drop=True)
-    compared = out["verdict"].isin(["ok", "REGRESSION", "NEW FAILURES"]).any()
+    compared = out["verdict"].isin(COMPARED).any()
     failed = bool(out["verdict"].isin(FAILING).any()) or not compared  # nothing in common vouches for nothing
     return GateResult(out, failed)
 
@@ -154,10 +231,15 @@ def _compare_cell(b: pd.DataFrame, c: pd.DataFrame, tolerance, alpha, n_boot, se
     cur_score = 100 * cs.mean() if len(cs) else float("nan")
     drop = base_score - cur_score if len(bs) else float("nan")
     test, p = paired_test(bs, cs, n_boot, seed)
-    regressed = bool(len(bs)) and drop > tolerance and p < alpha
+    dropped = bool(len(bs)) and drop > tolerance
+    regressed = dropped and p < alpha
     verdict = "REGRESSION" if regressed else "NEW FAILURES" if new_fail and not allow_failures else "ok"
     unpaired = len(b) + len(c) - 2 * len(m)
     note = f"{unpaired} unpaired samples" if unpaired else ""
+    if dropped and not regressed:  # never "nothing changed" for a drop beyond the tolerance
+        verdict = "not significant" if verdict == "ok" else verdict
+        why = _not_significant_note(drop, p, len(bs), pairs_needed(bs, cs, alpha), alpha)
+        note = (note + "; " if note else "") + why
     changed = 0
     if "prediction_b" in pairs and "prediction_c" in pairs:
         changed = int(
@@ -194,9 +276,10 @@ def check(
     by_depth: bool = False,
 ) -> GateResult:
     """`results`: a run root or a tidy table; `baseline`: a tidy per-sample table (CSV or Parquet)."""
+    validate_gate(tolerance, alpha, n_boot)
     return compare(
-        read_table(results),
-        read_table(baseline),
+        _read(results, "results"),
+        _read(baseline, "baseline"),
         tolerance=tolerance,
         alpha=alpha,
         n_boot=n_boot,
@@ -204,3 +287,16 @@ def check(
         allow_failures=allow_failures,
         by_depth=by_depth,
     )
+
+
+def _read(path: str, role: str) -> pd.DataFrame:
+    """`read_table`, with a file pandas cannot parse (empty, not CSV, corrupt Parquet) as one sentence."""
+    from pathlib import Path
+
+    try:
+        return _normalize(read_table(path), f"{role} '{path}'")
+    except (ValueError, OSError) as e:  # EmptyDataError, ParserError, UnicodeDecodeError, ArrowInvalid, ...
+        if not Path(path).is_file():
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
+        raise UserError(f"Cannot read the {role} '{path}' as a tidy CSV / Parquet table ({reason}).") from None

@@ -50,12 +50,37 @@ def download(
     to: str | None = typer.Option(None, "--to", help="also copy the jsonl files here (use as task.data_dir=DIR)"),
 ) -> None:
     """Fetch the benchmarks' own jsonl files into the Hugging Face cache (and, with --to, a folder)."""
+    import zipfile
+
     from infllm_eval.tasks import load_definition
     from infllm_eval.tasks.data import download as fetch
 
-    for name in resolve(names):
-        where = fetch(load_definition(name), to)
+    tasks = resolve(names)
+    if to:
+        _writable_folder(Path(to).expanduser(), f"--to '{to}'")  # before any download
+    for name in tasks:
+        try:
+            where = fetch(load_definition(name), to)
+        except (OSError, zipfile.BadZipFile) as e:  # a full disk, a folder that went away, a corrupt cached archive
+            raise UserError(f"Downloading {name} failed ({getattr(e, 'strerror', None) or e}); the tasks listed "
+                            "above are done, re-run for the rest.") from None
         typer.echo(f"{name}: {where}")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """A folder that is, or can be created, writable: its nearest existing ancestor is a writable folder."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"Cannot write {what}: '{folder}' is a file, not a folder.")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or _pseudo_fs(parent):
+        raise UserError(f"Cannot write {what}: '{parent}' is not a writable folder.")
+
+
+def _pseudo_fs(path: Path) -> bool:
+    """/proc and /sys accept no new files, whatever os.access says (as root it says yes)."""
+    return path.resolve().parts[1:2] in (("proc",), ("sys",))
 
 
 @data_app.command("make")
@@ -71,26 +96,45 @@ def make(
 ) -> None:
     """Write synthetic ∞-Bench rows sized in a model's tokens (run them with task.data_dir=<folder of --out>)."""
     from infllm_eval.config import compose
-    from infllm_eval.tasks.synthetic import GENERATORS, load_tokenizer, make_rows
+    from infllm_eval.tasks.synthetic import GENERATORS, check_request, load_tokenizer, make_rows
 
     if task not in GENERATORS:
         raise unknown_name("synthetic task", task, list(GENERATORS))
-    length_values = _numbers(lengths, int, "--lengths")  # bad input fails before a tokenizer loads
-    depth_values = _numbers(depths, float, "--depths") if depths else None
+    # bad input fails before a tokenizer loads or anything is written
+    length_values = _numbers(lengths, int, "--lengths")
+    depth_values = _numbers(depths, float, "--depths") if depths is not None else None
     cfg = compose(["task=passkey", *([f"model={model}"] if model else [])])
-    rows = make_rows(
-        task, load_tokenizer(cfg.model), length_values,
-        depth_values if depth_values is not None else [float(d) for d in cfg.task.depths],
-        int(cfg.task.samples if samples is None else samples), int(cfg.seed if seed is None else seed),
-    )
-    target = Path(out or f"{task}.jsonl").expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
+    depth_values = depth_values if depth_values is not None else [float(d) for d in cfg.task.depths]
+    n_samples = cfg.task.samples if samples is None else samples
+    check_request(task, length_values, depth_values, n_samples)
+    target = _writable_target(Path(out or f"{task}.jsonl").expanduser())
+    rows = make_rows(task, load_tokenizer(cfg.model), length_values, depth_values, n_samples,
+                     int(cfg.seed if seed is None else seed))
+    _write_rows(target, rows)
     typer.echo(f"{len(rows)} rows -> {target} (run: task=infbench_{task} task.data_dir={target.parent})")
+
+
+def _writable_target(target: Path) -> Path:
+    """--out, checked before any work: not a folder, and its nearest existing folder is writable."""
+    if target.is_dir():
+        raise UserError(f"--out '{target}' is a folder; pass a file name such as {target / 'passkey.jsonl'}.")
+    _writable_folder(target.parent, f"--out '{target}'")
+    return target
+
+
+def _write_rows(target: Path, rows: list[dict]) -> None:
+    """Writes the rows atomically (a temporary file, then a rename); on failure nothing is left behind."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"Cannot write --out '{target}' ({e.strerror or e}).") from None
 
 
 def _numbers(text: str, kind: type, option: str) -> list:

@@ -152,21 +152,52 @@ def _samples_per_length(cfg: DictConfig) -> tuple[list[int], int, str]:
 
 
 def budget_bytes(budget_gb: float | None, device: str) -> int:
+    """The device memory a cell may use: --budget-gb, else conf/tools.yaml `plan.budget_gb`, else this machine's
+    (its GPU's for a CUDA target, its RAM for a CPU one). A CUDA target this machine has no GPU for needs a budget:
+    planning for a machine you are not on is what plan is for."""
     if budget_gb is None:
         budget_gb = tool_defaults("plan").get("budget_gb")
     if budget_gb is not None:
-        return int(float(budget_gb) * GIB)
+        return _gb("--budget-gb", budget_gb)
     if device == "cuda":
         import torch
 
+        if not torch.cuda.is_available():
+            raise UserError("This machine has no CUDA GPU to take the memory budget from; pass --budget-gb "
+                            "(e.g. --budget-gb 80 for one 80 GB GPU) or set plan.budget_gb in conf/tools.yaml.")
         return int(torch.cuda.get_device_properties(0).total_memory)
+    return _host_ram()
+
+
+def host_budget_bytes(host_budget_gb: float | None) -> int:
+    """The host memory a cell may use (offloaded KV, and everything on a CPU target): --host-budget-gb, else
+    conf/tools.yaml `plan.host_budget_gb`, else this machine's RAM."""
+    if host_budget_gb is None:
+        host_budget_gb = tool_defaults("plan").get("host_budget_gb")
+    return _host_ram() if host_budget_gb is None else _gb("--host-budget-gb", host_budget_gb)
+
+
+def _gb(option: str, value) -> int:
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        gb = float("nan")
+    if not gb > 0 or gb == float("inf"):
+        raise UserError(f"{option} must be a positive number of GiB (e.g. 80); got {value!r}.")
+    return int(gb * GIB)
+
+
+def _host_ram() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
 
 
-def plan_cells(cells: list[list[str]], budget_gb: float | None = None) -> list[dict]:
-    """One row per cell x length: samples, tokens, memory estimate, whether it fits the budget."""
+def plan_cells(cells: list[list[str]], budget_gb: float | None = None,
+               host_budget_gb: float | None = None) -> list[dict]:
+    """One row per cell x length: samples, tokens, memory estimate, whether its device part fits the device
+    budget and its host part (offloaded KV; all of it on a CPU target) the host budget."""
+    host_budget = host_budget_bytes(host_budget_gb)
     rows = []
     for cell, overrides in enumerate(cells):
         cfg = compose(overrides)
@@ -180,6 +211,7 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None) -> list[d
         for length in lengths:
             n = per if not shard else len(range(shard[0], per, shard[1]))
             e = estimate(cfg, length, device)
+            host = e["peak"] if device == "cpu" else e["kv_host"]  # on CPU the device memory is host memory
             rows.append(
                 {
                     "cell": cell,
@@ -191,8 +223,12 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None) -> list[d
                     "tokens": n * (length + _max_new_tokens(cfg)),
                     "device": device,
                     **e,
+                    "host": host,
                     "budget": budget,
-                    "fits": e["peak"] <= budget,
+                    "host_budget": host_budget,
+                    "fits_device": e["peak"] <= budget,
+                    "fits_host": host <= host_budget,
+                    "fits": e["peak"] <= budget and host <= host_budget,
                     "note": note,
                 }
             )
@@ -204,59 +240,34 @@ def _gib(x: float) -> str:
 
 
 def plan_markdown(rows: list[dict]) -> str:
-    cols = [
-        "model",
-        "method",
-        "task",
-        "length",
-        "samples",
-        "tokens",
-        "device",
-        "dtype",
-        "weights GiB",
-        "KV device GiB",
-        "KV host GiB",
-        "workspace GiB",
-        "peak GiB",
-        "fits",
-        "note",
-    ]
+    cols = ["model", "method", "task", "length", "samples", "tokens", "device", "dtype", "weights GiB",
+            "KV device GiB", "KV host GiB", "workspace GiB", "peak GiB", "host GiB", "device fits", "host fits",
+            "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        vals = [
-            r["model"],
-            r["method"],
-            r["task"],
-            r["length"],
-            r["samples"] or "data",
-            r["tokens"] or "",
-            r["device"],
-            r["dtype"],
-            _gib(r["weights"]),
-            _gib(r["kv_device"]),
-            _gib(r["kv_host"]),
-            _gib(r["workspace"]),
-            _gib(r["peak"]),
-            "yes" if r["fits"] else "**NO**",
-            r["note"],
-        ]
+        vals = [r["model"], r["method"], r["task"], r["length"], r["samples"] or "data", r["tokens"] or "",
+                r["device"], r["dtype"], _gib(r["weights"]), _gib(r["kv_device"]), _gib(r["kv_host"]),
+                _gib(r["workspace"]), _gib(r["peak"]), _gib(r["host"]), _yes(r["fits_device"]),
+                _yes(r["fits_host"]), r["note"]]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     n_cells = len({r["cell"] for r in rows})
     total = sum(r["tokens"] for r in rows)
     over = [r for r in rows if not r["fits"]]
     budget = rows[0]["budget"] if rows else 0
-    tail = (
-        f"\n{n_cells} cells, {sum(r['samples'] for r in rows)} samples, {total:,} tokens; budget "
-        f"{_gib(budget)} GiB per cell"
-    )
-    tail += (
-        (
-            f"; {len(over)} cell length(s) do not fit: "
-            + ", ".join(
-                f"{r['model']}/{r['method']}/{r['task']}@{r['length']} ({_gib(r['peak'])} GiB)" for r in over
-            )
-        )
-        if over
-        else ""
-    )
+    host_budget = rows[0]["host_budget"] if rows else 0
+    tail = (f"\n{n_cells} cells, {sum(r['samples'] for r in rows)} samples, {total:,} tokens; budget per cell "
+            f"{_gib(budget)} GiB device, {_gib(host_budget)} GiB host")
+    if over:
+        tail += f"; {len(over)} cell length(s) do not fit: " + ", ".join(
+            f"{r['model']}/{r['method']}/{r['task']}@{r['length']} ({_why(r)})" for r in over)
     return "\n".join(lines) + tail + ".\n"
+
+
+def _yes(fits: bool) -> str:
+    return "yes" if fits else "**NO**"
+
+
+def _why(r: dict) -> str:
+    parts = [f"{_gib(r['peak'])} GiB device" if not r["fits_device"] else "",
+             f"{_gib(r['host'])} GiB host" if not r["fits_host"] else ""]
+    return ", ".join(p for p in parts if p)

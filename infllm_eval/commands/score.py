@@ -6,10 +6,12 @@ Two inputs:
   field, which ignores what it does not use). The task (a LongBench dataset or ∞-Bench task, bare or as
   `longbench_trec` / `infbench_passkey`) defaults to the file name before its first "." as in eval.py, and a
   `_e` suffix (LongBench-E) adds the 0-4k / 4-8k / 8k+ split by `length`. Score: `round(100 * mean, 2)`.
-- a run directory: the `prediction`, `answers` and `score_fields` of every finished record in samples.jsonl
-  are scored again with the run's metric (config.yaml: `task.metric`, else the task definition's), and the
-  records and summary are rewritten with store.py's `summarize` / `to_markdown`; the summary is made of the
-  records that count (`store.current_records`, as `report` counts them).
+- a run directory, read-only (`store.read_run`): the `prediction`, `answers` and `score_fields` of every
+  finished record that counts (`store.current_records`, as `report` counts them) are scored again with the
+  run's metric (config.yaml: `task.metric`, else the task definition's) or `--task`'s. The run's own files are
+  never changed (a run's records are what it produced; `report` reads them): the rescored records (each with
+  `metric` and its `original_score`) go to OUT/rescored.jsonl with OUT/summary.csv / summary.md (store.py's
+  `summarize` / `to_markdown`); OUT defaults to RUN_DIR/rescored-<metric> and is never a run directory.
 Bad input is a UserError naming the file, the line and the field.
 """
 
@@ -25,7 +27,10 @@ import pandas as pd
 from infllm_eval.errors import UserError, unknown_name
 from infllm_eval.metrics import METRICS
 from infllm_eval.scorers import infbench, longbench, metric_name_for, missing_field
-from infllm_eval.store import CONFIG_FILE, RunStore, current_records, read_config, read_provenance
+from infllm_eval.store import (CONFIG_FILE, SAMPLES_FILE, SUMMARY_CSV, SUMMARY_MD, read_config, read_run,
+                               summarize, to_markdown)
+
+RESCORED_FILE = "rescored.jsonl"
 
 Metric = Callable[..., float]
 
@@ -155,29 +160,59 @@ def run_metric(run_dir: Path, cfg: dict | None = None) -> str:
     return str(metric)
 
 
-def rescore_run(run_dir: str | Path, task: str | None = None) -> tuple[str, int, pd.DataFrame]:
-    """Rescores every finished record of a run directory; returns (metric, records rescored, new summary)."""
+def rescore_run(
+    run_dir: str | Path, task: str | None = None, out: str | Path | None = None
+) -> tuple[str, int, pd.DataFrame, Path]:
+    """Rescores the finished records of a run directory into `out` (default RUN_DIR/rescored-<metric>), never
+    touching the run; returns (metric, records rescored, summary of the rescored records, out)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}) nor a predictions file.")
-    cfg = read_config(run_dir)
-    metric_name = resolve_task(task)[0] if task else run_metric(run_dir, cfg)
+    if not (run_dir / SAMPLES_FILE).is_file():
+        raise UserError(f"Run directory '{run_dir}' has no {SAMPLES_FILE}: it has no records to score.")
+    metric_name = resolve_task(task)[0] if task else run_metric(run_dir, read_config(run_dir))
     if metric_name not in METRICS:
         raise unknown_name("metric", metric_name, list(METRICS))
-    with RunStore(run_dir) as store:
-        records = store.load_records()
-        if not records:
-            raise UserError(f"{store.samples_path} has no records to score.")
-        n_scored = 0
-        for n, rec in enumerate(records, 1):
-            if rec.get("status") != "ok":
-                continue
-            where = f"{store.samples_path} line {n}"
-            hint = "finished records need 'prediction' and 'answers'"
-            pred = _field(store.samples_path, n, rec, "prediction", hint)
-            answers = _field(store.samples_path, n, rec, "answers", hint)
-            rec["score"] = score_one(metric_name, pred, answers, dict(rec.get("score_fields") or {}), where)
-            n_scored += 1
-        store.replace_records(records)
-        summary = store.write_summary(current_records(records, read_provenance(run_dir), cfg))
-    return metric_name, n_scored, summary
+    target = _rescore_dir(run_dir, metric_name, out)
+    run = read_run(run_dir)
+    if not run.records:
+        raise UserError(f"{run_dir / SAMPLES_FILE} has no records of the run's current config to score.")
+    records = [_rescored(rec, metric_name, run_dir / SAMPLES_FILE) for rec in run.records]
+    summary = summarize(records)
+    _write_rescored(target, records, summary)
+    return metric_name, sum(r.get("status") == "ok" for r in records), summary, target
+
+
+def _rescore_dir(run_dir: Path, metric_name: str, out: str | Path | None) -> Path:
+    """Where rescored records go: checked before anything is scored or written; never a run directory."""
+    target = Path(out).expanduser() if out else run_dir / f"rescored-{metric_name}"
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out '{target}' is a file; pass a folder for {RESCORED_FILE} and the summary.")
+    if (target / CONFIG_FILE).exists() or (target / SAMPLES_FILE).exists():
+        raise UserError(f"--out '{target}' is a run directory; rescoring never writes into a run, pass another folder.")
+    return target
+
+
+def _rescored(rec: dict, metric_name: str, samples_path: Path) -> dict:
+    """A copy of a record with the new score (finished records only; failures are kept as they are)."""
+    if rec.get("status") != "ok":
+        return dict(rec)
+    where = f"{samples_path} sample '{rec.get('sample_id')}'"
+    for key in ("prediction", "answers"):
+        if rec.get(key) is None:
+            raise UserError(f"{where} has no '{key}' field; finished records need 'prediction' and 'answers'.")
+    new = score_one(metric_name, rec["prediction"], rec["answers"], dict(rec.get("score_fields") or {}), where)
+    return {**rec, "score": new, "original_score": rec.get("score"), "metric": metric_name}
+
+
+def _write_rescored(target: Path, records: list[dict], summary: pd.DataFrame) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in ((RESCORED_FILE, lines), (SUMMARY_CSV, summary.to_csv(index=False)),
+                           (SUMMARY_MD, to_markdown(summary))):
+            tmp = target / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target / name)
+    except OSError as e:
+        raise UserError(f"Cannot write the rescored records to '{target}' ({e.strerror}).") from None

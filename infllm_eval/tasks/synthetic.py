@@ -37,19 +37,16 @@ def make_rows(
     task: str, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int
 ) -> list[dict]:
     """Rows for every (length, depth, index), lengths outermost, in ∞-Bench's jsonl schema."""
-    if task not in GENERATORS:
-        raise unknown_name("synthetic task", task, list(GENERATORS))
-    for length in lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
-            raise UserError(f"--lengths values must be integers in 1..{MAX_LENGTH}; got {length!r}.")
-    for depth in depths:
-        if not 0 <= float(depth) <= 1:
-            raise UserError(f"--depths values must be within [0, 1]; got {depth!r}.")
+    check_request(task, lengths, depths, samples)
     from infllm_eval.tasks import load_definition
 
     template = load_definition(f"infbench_{task}")["profiles"]["infllm"]["template"]
     sizer = _Sizer(tokenizer, template)
     recipe = None if task == "kv_retrieval" else load_definition(task)  # tasks/passkey.yaml, number_string.yaml
+    shortest = _shortest_prompt(recipe, sizer, seed)
+    if min(lengths) < shortest:
+        raise UserError(f"--lengths {min(lengths)} is shorter than the shortest {task} prompt this tokenizer gives "
+                        f"({shortest} tokens: template, question and needle alone); use lengths >= {shortest}.")
     rows = []
     for length in lengths:
         for depth in depths:
@@ -61,6 +58,36 @@ def make_rows(
                     row = _needle_row(recipe, sizer, int(length), float(depth), rng)
                 rows.append({"id": len(rows), **row, "options": [], "length": int(length), "depth": float(depth)})
     return rows
+
+
+def check_request(task: str, lengths: Sequence[int], depths: Sequence[float], samples: int) -> None:
+    """Everything about a request that needs no tokenizer: the generator, lengths, depths and samples."""
+    if task not in GENERATORS:
+        raise unknown_name("synthetic task", task, list(GENERATORS))
+    if not lengths:
+        raise UserError("--lengths names no length; give comma-separated prompt lengths, e.g. 4096,131072.")
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
+            raise UserError(f"--lengths values must be integers in 1..{MAX_LENGTH}; got {length!r}.")
+    if not depths:
+        raise UserError("--depths names no depth; give comma-separated depths in [0, 1], e.g. 0,0.5,1.")
+    for depth in depths:
+        if not 0 <= float(depth) <= 1:
+            raise UserError(f"--depths values must be within [0, 1]; got {depth!r}.")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"--samples must be a positive number of rows per length and depth; got {samples!r}.")
+
+
+def _shortest_prompt(recipe: dict | None, sizer: "_Sizer", seed: int) -> int:
+    """Tokens of the shortest prompt the template gives: no noise (needle tasks) or one key-value pair, the most
+    over a few keys (keys tokenize to different lengths; each row is checked again as it is built)."""
+    rng = random.Random(f"{seed}-shortest")
+    if recipe is None:
+        key, value = _uuid(rng), _uuid(rng)
+        context = "JSON data:\n{" + f'"{key}": "{value}"' + "}"
+        return sizer.prompt_tokens(context, KV_INPUT.format(key=key), key=f'"{key}"')
+    keys = [draw_key(rng, int(recipe["key_digits"]), int(recipe["key_duplications"])) for _ in range(16)]
+    return max(sizer.prompt_tokens(recipe["needle"].format(key=key), recipe["question"]) for key in keys)
 
 
 class _Sizer:
@@ -101,6 +128,9 @@ def _needle_row(recipe: dict, sizer: _Sizer, length: int, depth: float, rng: ran
         budget += length - measured
         context, after = build(budget)
         measured = sizer.prompt_tokens(context, question)
+    if measured > length and budget <= 0:  # this key's needle alone is longer than the row may be
+        raise UserError(f"--lengths {length} is shorter than this needle's prompt with no filler ({measured} tokens "
+                        "with this tokenizer); use longer lengths.")
     return {"context": context, "input": question, "answer": [key], "len": after, "n_tokens": measured}
 
 
