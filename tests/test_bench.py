@@ -178,3 +178,13 @@ def test_bench_takes_method_params_overrides_for_the_methods_it_benches(tmp_path
         run_bench([*common, "bench.methods=[full,infllm]", "method.params.topk=3"])
     with pytest.raises(UserError, match="topk must be a positive integer"):
         run_bench([*common, "bench.methods=[infllm]", "method.params.topk=0"])
+
+
+def test_bench_refuses_method_equals_which_it_would_ignore(tmp_path):
+    """`bench method=X` used to bench bench.methods' default list and ignore X: a silent no-op."""
+    from infllm_eval.errors import UserError
+
+    for bad in ("method=streamingllm", "method=nosuch"):
+        with pytest.raises(UserError, match=r"bench.methods=\["):
+            run_bench(["model=tiny-llama", bad, f"bench.output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written

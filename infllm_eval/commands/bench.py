@@ -309,6 +309,10 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     (lengths in order, methods interleaved per length): drift in the machine's speed then hits every method and
     every length alike, so ratios between lengths hold as well as ratios between methods, and the first sweep is
     complete before any repeat starts."""
+    chosen = [o for o in overrides if o.lstrip("+~").startswith("method=")]
+    if chosen:  # never a silent no-op: the benched methods are bench.methods'
+        raise UserError(f"bench takes its methods from bench.methods, not {chosen[0]!r}; write "
+                        f"bench.methods=[{chosen[0].partition('=')[2]}].")
     probe = compose([o for o in overrides if not _is_method_override(o)])  # method overrides need a method
     bench_config_check(probe)
     b = probe.bench
