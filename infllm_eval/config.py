@@ -95,7 +95,7 @@ def _parse(overrides: list[str]) -> list:
     try:
         return OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        raise UserError(f"Bad override: {_first_line(e)}") from e
+        raise UserError(f"Bad override: {_first_line(e)} (overrides are key=value, e.g. model=tiny-llama).") from e
 
 
 def _check_group_names(parsed: list, groups: list[str]) -> None:
@@ -112,6 +112,8 @@ def _check_group_names(parsed: list, groups: list[str]) -> None:
         values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
         valid = _options(group)
         for name in values:
+            if name is None and group in GROUPS:
+                raise unknown_name(group, "null", valid)
             if name is None:
                 raise UserError(f"{group}=null is not an option; to choose no {group}, remove it with ~{group}.")
             if name not in valid:
@@ -147,6 +149,8 @@ def _check_keys(parsed: list, groups: list[str], ref: dict) -> None:
 
 
 _MISSING = object()
+#: keys that belong to a group's choice: a task's definition file comes with task=<name>, never on its own
+FIXED_KEYS = {"task.definition": "task="}
 
 
 def _parts(key: str) -> list[str]:
@@ -196,24 +200,33 @@ def _compose_full(overrides: list[str]) -> tuple[DictConfig, list[str]]:
     parsed = _parse(overrides)
     register_task_group()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        groups = config_groups() + [g for g in _hydra_groups() if g not in config_groups()]
+        groups = config_groups()
+        groups += [g for g in _hydra_groups() if g not in groups]
         _check_group_names(parsed, groups)
         _check_no_sweep(parsed, overrides)
+        _check_fixed_keys(parsed)
         try:
             full, error = _hydra_compose(overrides), None
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             full, error = None, e
-        changes_keys = any((o.is_add() or o.is_force_add() or o.is_delete()) and o.key_or_group not in groups
-                           for o in parsed)
         if error is not None:
             _check_group_adds(parsed, overrides, groups)
-        if error is not None or changes_keys:
+        adds_or_removes = any((o.is_add() or o.is_force_add() or o.is_delete()) and o.key_or_group not in groups
+                              for o in parsed)
+        if error is not None or adds_or_removes:
             ref = _reference(overrides, parsed, groups)
             if ref:
                 _check_keys(parsed, groups, ref)
     if error is not None:
         raise UserError(f"Bad override: {_first_line(error)}") from error
     return full, groups
+
+
+def _check_fixed_keys(parsed: list) -> None:
+    for ov in parsed:
+        if ov.key_or_group in FIXED_KEYS:
+            how = FIXED_KEYS[ov.key_or_group]
+            raise UserError(f"{ov.key_or_group} comes with {how}<name>; choose another with {how}<name> instead.")
 
 
 def _check_group_adds(parsed: list, overrides: list[str], groups: list[str]) -> None:
@@ -356,6 +369,7 @@ def _validate_bench(b: DictConfig) -> None:
             raise unknown_name("method in bench.methods", m, valid)
     _need(isinstance(lengths, list) and lengths and all(_is_int(x) and x > 0 for x in lengths), "bench.lengths",
           "a non-empty list of positive integers (e.g. [4096,8192])", lengths)
+    _need(len(set(lengths)) == len(lengths), "bench.lengths", "a list without repeats", lengths)
     for key in ("decode_tokens", "repeats", "warmup_tokens", "peak_matmul_size"):
         _need(_is_int(b[key]) and b[key] > 0, f"bench.{key}", "a positive integer", b[key])
     _need(_is_int(b.prompt_build_length) and b.prompt_build_length >= 0, "bench.prompt_build_length",
@@ -382,6 +396,8 @@ def _validate_task(t: DictConfig) -> None:
             isinstance(lengths, list) and lengths and all(_is_int(x) and x > 0 for x in lengths),
             "task.lengths", "a non-empty list of positive integers (e.g. [4096,16384])", lengths,
         )
+    if "lengths" in t:
+        _need(len(set(t.lengths)) == len(t.lengths), "task.lengths", "a list without repeats", _plain(t.lengths))
     if "depths" in t:
         depths = _plain(t.depths)
         _need(
@@ -389,6 +405,7 @@ def _validate_task(t: DictConfig) -> None:
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in depths),
             "task.depths", "a non-empty list of numbers in [0, 1] (e.g. [0.1,0.5,0.9])", depths,
         )
+        _need(len(set(depths)) == len(depths), "task.depths", "a list without repeats", depths)
     if "samples" in t:
         _need(_is_int(t.samples) and t.samples > 0, "task.samples", "a positive integer", t.samples)
     if t.get("max_new_tokens") is not None:

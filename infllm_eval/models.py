@@ -140,7 +140,7 @@ def _resolve_device(device: str) -> torch.device:
 def load_model(model_cfg: Any, device: str, dtype: str) -> LoadedModel:
     """Load the model a config describes (`conf/model/*.yaml`) onto `device` in `dtype`."""
     cfg = _as_dict(model_cfg)
-    _validate_cfg(cfg)
+    check_model_settings(cfg)
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     from transformers.utils import logging as hf_logging
 

@@ -173,6 +173,11 @@ NEW_USER = [
     ("run", ["~task.samples"], "~task.samples"),
     ("run", ["invocation.preset=x"], "Unknown key 'invocation'"),
     ("run", ["model=smollm2", "model.tiny.seed=1"], "model.tiny"),
+    ("run", ["task.data_dir=/data"], "Unknown key 'task.data_dir' for task 'passkey'"),
+    ("run", ["task.definition=longbench_trec"], "task=<name>"),
+    ("run", ["task=null"], "Unknown task 'null'"),
+    ("run", ["seed"], "key=value"),
+    ("run", ["task.lengths=[300,300]"], "without repeats"),
     ("run", ["-m", "hydra/launcher=local_parallel", "hydra.launcher.n_job=2", "seed=0,1"],
      "Did you mean 'hydra.launcher.n_jobs'"),
     # model keys the chosen model's source never reads
