@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infllm_eval.config import (GROUPS, compose, expand_sweep, group_options, resolved_yaml,
-                                searchpath_overrides, tool_defaults)
+from infllm_eval.config import (GROUPS, check_runnable, choices, compose, expand_sweep, group_options, invocation,
+                                resolved_yaml, searchpath_overrides, tool_defaults)
 from infllm_eval.commands.data import data_app
 from infllm_eval.errors import UserError, unknown_name
 
@@ -34,19 +34,19 @@ def run(
 ) -> None:
     """Run one cell (or, with -m, every cell of a sweep); results go to output_dir/run_name."""
     overrides = list(overrides or [])
+    if not multirun:
+        _refuse_sweep_settings(overrides)
     cells = expand_sweep(overrides) if multirun else [overrides]
+    local = not multirun or choices(cells[0]).get("hydra/launcher") in LOCAL_LAUNCHERS
     cfgs = []
     for cell in cells:  # validate every cell before any model loads
-        try:
-            cfg = compose(cell)
-            cfgs.append(cfg)
-        except UserError as e:
-            if not multirun and any("," in o.partition("=")[2] and "[" not in o for o in cell):
-                raise UserError(f"{e} (comma lists are sweeps: add -m to run every combination)") from e
-            raise
+        cfg = compose(cell)
+        cfgs.append(cfg)
         from infllm_eval.methods import make_method
 
         make_method(cfg.method)
+        if local:  # a cell that runs here needs its device here (a SLURM cell, on its node)
+            check_runnable(cfg)
     if not multirun:
         _run_and_show(cfgs[0])  # composed and validated above: one compose per run
         return
@@ -60,6 +60,19 @@ def run(
     if failed:
         err.print(f"[red]{len(failed)} of {len(cells)} cells failed:[/red] " + "; ".join(failed))
         raise typer.Exit(1)
+
+
+#: launchers that run cells on this machine (the others submit them to other machines)
+LOCAL_LAUNCHERS = ("basic", "joblib", "local_parallel", "submitit_local")
+
+
+def _refuse_sweep_settings(overrides: list[str]) -> None:
+    """hydra/launcher and hydra.launcher.* / hydra.sweeper.* choose how a sweep (-m) runs: without -m they would
+    do nothing."""
+    for o in overrides:
+        key = o.lstrip("+~").partition("=")[0]
+        if key.startswith(("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper")):
+            raise UserError(f"'{o}' applies to sweeps only (run -m); a single run runs here, in this process.")
 
 
 def _cell_name(cfg) -> str:
@@ -85,6 +98,12 @@ def _run_and_show(cfg) -> None:
 
 def _hydra_cell(cfg) -> None:
     """Body of one Hydra multirun job: a failing cell is reported and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    job = HydraConfig.get()
+    with open_dict(cfg):  # what `compose` records, from the job's own choices and overrides
+        cfg["invocation"] = invocation(dict(job.runtime.choices), list(job.overrides.task))
     try:
         _run_and_show(cfg)
     except Exception as e:  # noqa: BLE001 - keep the sweep going; the error is reported at the end
@@ -145,12 +164,12 @@ def show_summary(summary, title: str) -> None:
 
 
 @app.command("ls")
-def ls(what: Optional[str] = typer.Argument(None, help="models | methods | tasks (default: all three)")) -> None:
+def ls(what: Optional[str] = typer.Argument(None, help="models | methods | tasks | presets (default: all)")) -> None:
     """List what can be chosen, with one-line descriptions."""
-    plural = {"models": "model", "methods": "method", "tasks": "task"}
-    if what is not None and what not in plural and what not in GROUPS:
+    plural = {"models": "model", "methods": "method", "tasks": "task", "presets": "preset"}
+    if what is not None and what not in plural and what not in plural.values():
         raise unknown_name("listing", what, list(plural))
-    groups = [plural.get(what, what)] if what else list(GROUPS)
+    groups = [plural.get(what, what)] if what else list(plural.values())
     for group in groups:
         table = Table(title=f"{group}s", show_header=True)
         table.add_column("name", style="bold")
@@ -167,7 +186,7 @@ def config(overrides: Optional[list[str]] = OVERRIDES) -> None:
     from infllm_eval.methods import make_method
 
     make_method(cfg.method)
-    out.print(resolved_yaml(cfg), markup=False, highlight=False)
+    sys.stdout.write(resolved_yaml(cfg))  # machine-readable: plain, never wrapped (`config ... > file.yaml`)
 
 
 @app.command("report")

@@ -99,15 +99,30 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, _DTYPES[key]
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_device_dtype(device: str, dtype: str) -> None:
+    """The values `device` and `dtype` may take, whether or not this machine has that device (`plan` plans for
+    other machines); `resolve_device_dtype` also checks that the device is here."""
+    key = str(device).strip().lower()
+    if key != "auto":
+        _parse_device(key)
+    if str(dtype).strip().lower() not in ("auto", *_DTYPES):
+        raise UserError(f"Invalid dtype '{dtype}'; allowed values: {_DTYPE_VALUES}.")
+
+
+def _parse_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise UserError(f"Invalid device '{device}'; allowed values: {_DEVICE_VALUES}.")
+    return dev
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(device)
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
@@ -125,7 +140,7 @@ def _resolve_device(device: str) -> torch.device:
 def load_model(model_cfg: Any, device: str, dtype: str) -> LoadedModel:
     """Load the model a config describes (`conf/model/*.yaml`) onto `device` in `dtype`."""
     cfg = _as_dict(model_cfg)
-    _validate_cfg(cfg)
+    check_model_settings(cfg)
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     from transformers.utils import logging as hf_logging
 
@@ -159,11 +174,47 @@ def _as_dict(model_cfg: Any) -> dict:
     return copy.deepcopy(dict(model_cfg))
 
 
+#: what each source loads from, and the model keys it never reads with the value they must keep: another value
+#: would be ignored silently (a wrong config with exit 0), so `check_model_settings` refuses it
+SOURCE_READS = {
+    "tiny": "builds random weights from model.tiny",
+    "gguf_package": "loads the GGUF file of model.gguf_package",
+    "hub": "loads model.path, else model.id from the Hugging Face cache",
+}
+UNUSED_BY_SOURCE: dict[str, dict[str, Any]] = {
+    "tiny": {"path": None, "revision": None, "gguf_package": None, "trust_remote_code": False, "shape": None},
+    "gguf_package": {"path": None, "revision": None, "tiny": None, "trust_remote_code": False},
+    "hub": {"gguf_package": None, "tiny": None},
+}
+
+
+def check_model_settings(model_cfg: Any) -> None:
+    """Everything about a model config that can be checked without loading it (`config.validate` calls this
+    before anything is created): the keys, source, arch and chat format, keys the source would ignore, and a
+    hub model's `path`."""
+    cfg = _as_dict(model_cfg)
+    _validate_cfg(cfg)
+    source, name = cfg["source"], cfg["name"]
+    for key, unused in UNUSED_BY_SOURCE.get(source, {}).items():
+        if cfg[key] != unused:
+            raise UserError(f"model.{key}={cfg[key]!r} has no effect for model '{name}' (source {source} "
+                            f"{SOURCE_READS[source]}); remove it, or choose a model whose source reads it.")
+    if source == "hub" and cfg["path"] is not None:
+        if cfg["revision"] is not None:
+            raise UserError(f"model.revision={cfg['revision']!r} has no effect with model.path (the directory is "
+                            "loaded as it is); remove one of them.")
+        if not (Path(str(cfg["path"])).expanduser() / "config.json").is_file():
+            raise UserError(f"model.path '{cfg['path']}' is not a model directory (no config.json).")
+
+
 def _validate_cfg(cfg: dict) -> None:
     name = cfg.get("name", "?")
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         raise UserError(f"Model config '{name}' lacks the key(s) {', '.join(missing)}.")
+    extra = [k for k in cfg if k not in CONFIG_KEYS]
+    if extra:
+        raise unknown_name(f"key of model config '{name}'", extra[0], list(CONFIG_KEYS))
     if cfg["source"] not in MODEL_SOURCES:
         raise unknown_name("model.source", cfg["source"], MODEL_SOURCES.names())
     if cfg["arch"] not in SUPPORTED_ARCHS:

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 
 from infllm_eval import __version__
-from infllm_eval.config import check_output_dir, parse_shard, resolved_yaml
+from infllm_eval.config import check_output_dir, parse_shard, recorded_invocation, resolved_yaml
 from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.methods import make_method
 from infllm_eval.metrics import get_metric
@@ -81,7 +81,7 @@ def run_cell(cfg: DictConfig, target: RunTarget | None = None) -> pd.DataFrame:
                                                    task_fingerprint=base_key["task"], method=method.describe(),
                                                    generation=gen, dtype=base_key["dtype"],
                                                    attention_backend=method.attention_backend(lm.device, lm.dtype),
-                                                   cell_key=cell_key))
+                                                   cell_key=cell_key, invocation=recorded_invocation(cfg)))
         done = store.finished() if cfg.resume else {}
         records = []
         ids = {"model": cfg.model.name, "method": cfg.method.name, "task": cfg.task.name}

@@ -8,6 +8,8 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
+import yaml
 
 TINY = ["model=tiny-llama", "task.lengths=[200]", "task.depths=[0.0,1.0]", "task.samples=1", "progress=false"]
 
@@ -85,10 +87,15 @@ def test_run_writes_all_files_and_resumes(tmp_path):
     summary = pd.read_csv(run_dir / "summary.csv")
     assert list(summary["depth"]) == [0.0, 1.0] and (summary["n"] == 1).all()
     assert "score" in r.stdout
-    # same command again: nothing recomputed, nothing appended
-    r2 = cli("run", *TINY, f"output_dir={tmp_path}")
+    # what produced the run is recorded: the overrides, the preset and the per-model file (none here)
+    asked = {"overrides": [*TINY, f"output_dir={tmp_path}"], "preset": None, "per_model": None, "local": None}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["invocation"] == asked
+    assert prov["invocation"] == asked
+    # same settings again (another command line): nothing recomputed, nothing appended
+    r2 = cli("run", *TINY, f"output_dir={tmp_path}", "resume=true")
     assert r2.returncode == 0
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["invocation"]["overrides"][-1] == "resume=true"
     # a semantic change (seed) never reuses stale results
     cli("run", *TINY, f"output_dir={tmp_path}", "seed=1")
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 4
@@ -99,6 +106,8 @@ def test_multirun_runs_every_cell(tmp_path):
     assert r.returncode == 0, r.stderr
     for m in ("full", "streamingllm"):
         assert (tmp_path / "tiny-llama" / m / "passkey" / "summary.csv").exists()
+        recorded = yaml.safe_load((tmp_path / "tiny-llama" / m / "passkey" / "config.yaml").read_text())["invocation"]
+        assert f"method={m}" in recorded["overrides"] and recorded["preset"] is None
 
 
 def test_run_composes_once_and_computes_the_run_directory_once(tmp_path, monkeypatch):
@@ -156,3 +165,90 @@ def test_summary_table_headers_are_whole_at_80_columns():
     header = next(x for x in text.splitlines() if "length" in x)
     assert all(h in header for h in cli_module.SUMMARY_HEADERS.values())
     assert "1048576" in text and "81920.0" in text  # values whole too
+
+
+# -- a new user's overrides: each one works or is refused in one sentence (exit 2), before anything is created --
+NEW_USER = [
+    # unknown options of any config group (Hydra skips a missing optional option silently)
+    ("run", ["preset=mistral-infbnech"], "Did you mean 'mistral-infbench'"),
+    ("run", ["per_model=typo"], "Unknown per_model 'typo'"),
+    ("config", ["hydra/launcher=typo"], "Unknown hydra/launcher 'typo'"),
+    ("run", ["-m", "hydra/launcher=slurmm", "seed=0,1"], "Did you mean 'slurm'"),
+    ("run", ["hydra/launchr=slurm"], "Did you mean 'hydra/launcher'"),
+    ("run", ["local=foo"], "Unknown local 'foo'"),
+    ("run", ["presets=mistral-infbench"], "Did you mean 'preset'"),
+    ("run", ["preset=null"], "~preset"),
+    ("run", ["+preset=mistral-infbench"], "without '+'"),
+    ("run", ["task=passkey,nosuch"], "Unknown task 'nosuch'"),
+    ("run", ["-m", "model=tiny-llama", "method=infllm", "preset=mistral-infbench,mistral-infbnech"],
+     "Did you mean 'mistral-infbench'"),
+    ("plan", ["preset=mistral-infbnech"], "Did you mean 'mistral-infbench'"),
+    ("config", ["per_model=mistral_infllmm"], "Did you mean 'mistral_infllm'"),
+    # unknown keys: the valid ones and "Did you mean"; added keys nobody reads; removed keys the harness reads
+    ("run", ["method=infllm", "method.params.topkk=3"], "Did you mean 'method.params.topk'"),
+    ("run", ["method.params.foo=1"], "Keys of method.params:"),
+    ("run", ["task.lenghts=[300]"], "Did you mean 'task.lengths'"),
+    ("run", ["model.params.x=1"], "Unknown key 'model.params'"),
+    ("run", ["+foo=1"], "Unknown key 'foo'"),
+    ("run", ["++seed2=1"], "Did you mean 'seed'"),
+    ("run", ["+task.foo=1"], "Unknown key 'task.foo'"),
+    ("run", ["++model.foo=1"], "Unknown key 'model.foo'"),
+    ("run", ["+seed=1"], "without '+'"),
+    ("run", ["~task.samples"], "~task.samples"),
+    ("run", ["invocation.preset=x"], "Unknown key 'invocation'"),
+    ("run", ["model=smollm2", "model.tiny.seed=1"], "model.tiny"),
+    ("run", ["task.data_dir=/data"], "Unknown key 'task.data_dir' for task 'passkey'"),
+    ("run", ["task.definition=longbench_trec"], "task=<name>"),
+    ("run", ["task=null"], "Unknown task 'null'"),
+    ("run", ["seed"], "key=value"),
+    ("run", ["task.lengths=[300,300]"], "without repeats"),
+    ("run", ["-m", "hydra/launcher=local_parallel", "hydra.launcher.n_job=2", "seed=0,1"],
+     "Did you mean 'hydra.launcher.n_jobs'"),
+    # model keys the chosen model's source never reads
+    ("run", ["model=tiny-llama", "model.path=/nonexistent"], "model.path"),
+    ("run", ["model=tiny-llama", "model.revision=main"], "model.revision"),
+    ("run", ["model=tiny-llama", "model.trust_remote_code=true"], "model.trust_remote_code"),
+    ("run", ["model=smollm2", "model.path=/nonexistent"], "model.path"),
+    ("run", ["model=mistral", "model.path=/nonexistent"], "not a model directory"),
+    # values checked before anything is created
+    ("run", ["dtype=int8"], "dtype"),
+    ("run", ["device=gpu"], "device"),
+    ("run", ["run_name=/abs/elsewhere"], "run_name"),
+    ("run", ["run_name=../../elsewhere"], "run_name"),
+    ("run", ["method=full,infllm"], "-m"),
+    ("run", ["hydra/launcher=local_parallel"], "run -m"),
+    ("run", ["hydra.launcher.n_jobs=2"], "run -m"),
+    ("bench", ["bench.lengths=[-1]"], "bench.lengths"),
+    ("bench", ["bench.methods=[ful]"], "Did you mean 'full'"),
+    ("bench", ["bench.memory_fraction=1.5"], "bench.memory_fraction"),
+    ("bench", ["bench.warmup_tokens=0"], "bench.warmup_tokens"),
+    ("run", ["bench.decode_tokens=-1"], "bench.decode_tokens"),
+]
+
+
+@pytest.mark.parametrize("command,args,needle", NEW_USER, ids=[" ".join(a) for _, a, _ in NEW_USER])
+def test_a_new_users_bad_override_is_one_sentence_and_creates_nothing(tmp_path, command, args, needle):
+    out = tmp_path / "out"
+    r = cli(command, *args, "model=tiny-llama" if not any(a.startswith("model=") for a in args) else "progress=false",
+            f"output_dir={out}", f"bench.output_dir={out}")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_for_run_but_not_for_config(tmp_path):
+    r = cli("run", *TINY, "device=cuda", f"output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2 and "not available" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    assert cli("config", "device=cuda").returncode == 0  # a config (and a plan) may be for another machine
+
+
+def test_config_prints_yaml_that_loads_back_to_the_composed_config():
+    from infllm_eval.config import compose, to_dict
+
+    args = ["model=tiny-llama", "method=infllm", "run_name=" + "a-long-run-name/" * 12 + "end"]
+    r = cli("config", *args)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout) == to_dict(compose(args))

@@ -136,6 +136,34 @@ def test_config_errors_are_user_errors():
         tiny(chat_format="alpaca")
 
 
+def test_keys_a_source_never_reads_are_refused_not_ignored(tmp_path):
+    for f in sorted(CONF.glob("*.yaml")):  # every shipped model config passes as it is
+        models.check_model_settings(yaml.safe_load(f.read_text()))
+    for name, source in (("tiny-llama", "tiny"), ("smollm2", "gguf_package"), ("mistral", "hub")):
+        assert cfg(name)["source"] == source
+        for key in models.UNUSED_BY_SOURCE[source]:
+            with pytest.raises(UserError, match=f"model.{key}=.* has no effect for model '{name}'"):
+                models.check_model_settings(cfg(name, **{key: True if key == "trust_remote_code" else "x"}))
+    with pytest.raises(UserError, match="not a model directory"):
+        models.check_model_settings(cfg("mistral", path=str(tmp_path)))
+    (tmp_path / "config.json").write_text("{}")
+    models.check_model_settings(cfg("mistral", path=str(tmp_path)))
+    with pytest.raises(UserError, match="model.revision"):
+        models.check_model_settings(cfg("mistral", path=str(tmp_path), revision="main"))
+    with pytest.raises(UserError, match="Did you mean 'revision'"):
+        models.check_model_settings(cfg("tiny-llama", revison="main"))
+    with pytest.raises(UserError, match="has no effect"):  # loading checks the same
+        tiny(path=str(tmp_path))
+
+
+def test_device_and_dtype_values_are_checked_without_the_device():
+    models.check_device_dtype("cuda:3", "bf16")  # a config for another machine
+    with pytest.raises(UserError, match="Invalid device 'gpu'"):
+        models.check_device_dtype("gpu", "auto")
+    with pytest.raises(UserError, match="Invalid dtype 'int8'"):
+        models.check_device_dtype("cpu", "int8")
+
+
 def test_model_sources_are_a_registry_with_suggestions(monkeypatch):
     assert models.MODEL_SOURCES.names() == ["gguf_package", "hub", "tiny"]
     with pytest.raises(UserError, match="Unknown model.source 'hubb'. Did you mean 'hub'"):

@@ -39,7 +39,7 @@ import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from infllm_eval.config import compose
+from infllm_eval.config import check_runnable, compose
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
 from infllm_eval.methods import make_method
@@ -314,12 +314,10 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
         raise UserError(f"bench takes its methods from bench.methods, not {chosen[0]!r}; write "
                         f"bench.methods=[{chosen[0].partition('=')[2]}].")
     probe = compose([o for o in overrides if not _is_method_override(o)])  # method overrides need a method
-    bench_config_check(probe)
+    check_runnable(probe)  # bench.* are validated with the rest of the config (config.validate)
     b = probe.bench
     methods = list(b.methods)
     lengths = sorted(int(x) for x in b.lengths)
-    if not methods or not lengths:
-        raise UserError("bench.methods and bench.lengths must not be empty, e.g. bench.lengths=[4096,8192].")
     cfgs = {m: compose_method(overrides, m) for m in methods}
     for cfg in cfgs.values():  # every method validated before any weights load
         make_method(cfg.method)
@@ -367,13 +365,3 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     _plot(df, out)
     return df, out
 
-
-def bench_config_check(cfg: DictConfig) -> None:
-    """Light validation of the bench node (called by the CLI before any model loads)."""
-    r = cfg.bench.repeats
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise UserError(f"bench.repeats must be a positive integer, got {r!r}.")
-    for key in ("decode_tokens", "warmup_tokens", "peak_matmul_size", "prompt_build_length"):
-        v = cfg.bench.get(key)
-        if not isinstance(v, int) or v < 0:
-            raise UserError(f"bench.{key} must be a non-negative integer, got {v!r}.")
