@@ -254,7 +254,7 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                "chunk_size": int(cfg.chunk_size),
                "attention_backend": eng.method.attention_backend(lm.device, lm.dtype),
-               "cell_peak_gflop_s": round(cell_peak / 1e9, 1), "status": "ok"}
+               "cell_peak_gflop_s": round(cell_peak / 1e9, 3), "status": "ok"}
         if need > float(b.memory_fraction) * avail:
             row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
         else:
@@ -262,7 +262,7 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
             row.update(_measure(eng, ids, int(cfg.chunk_size), int(b.decode_tokens)))
             # probed again right after: the cell's peak is the better of the two measurements around its prefill
             cell_peak = max(cell_peak, matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size)))
-            row["cell_peak_gflop_s"] = round(cell_peak / 1e9, 1)
+            row["cell_peak_gflop_s"] = round(cell_peak / 1e9, 3)
             row["cell_mfu"] = round(row["useful_gflop_s"] / row["cell_peak_gflop_s"], 5)
     except (torch.OutOfMemoryError, MemoryError) as e:
         row = {"status": f"oom: {str(e)[:200]}"}
@@ -339,7 +339,7 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
         rows.append(row)
         # one denominator for the whole run: the best matmul measured so far (here, and in every cell after
         # its warm-up), so a moment of lower clock or a noisy neighbour cannot inflate one row's MFU
-        peak = round(max([peak] + [r.get("cell_peak_gflop_s") or 0 for r in rows]), 1)
+        peak = round(max([peak] + [r.get("cell_peak_gflop_s") or 0 for r in rows]), 3)
         for r in rows:
             r["peak_matmul_gflop_s"] = peak
             if "useful_gflop_s" in r:
