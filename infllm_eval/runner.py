@@ -204,8 +204,8 @@ def _writing(run_dir: Path, state: dict):
     try:
         yield
     except OSError as e:
-        raise UserError(f"Cannot write to '{run_dir}' ({e.strerror or e}); {state['saved'] + state['new']} "
-                        "finished samples are saved there: free the space and run the same command to resume.") from e
+        raise UserError(f"Cannot write to '{run_dir}' ({e.strerror or e}); {state['saved'] + state['new']} finished "
+                        "samples were saved before it: fix that (free space?) and run the same command to resume.") from e
 
 
 @contextmanager

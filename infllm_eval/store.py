@@ -89,6 +89,10 @@ class RunStore:
             self._lock_file.close()
             raise UserError(f"Run directory '{self.dir}' is in use by another infllm-eval process; wait for it "
                             "or choose another output_dir/run_name.") from e
+        except OSError as e:  # e.g. a network filesystem without locks
+            self._lock_file.close()
+            raise UserError(f"Cannot lock '{self.dir / LOCK_FILE}' ({e.strerror}); put output_dir on a filesystem "
+                            "with file locks (flock).") from e
         return self
 
     def __exit__(self, *exc) -> None:

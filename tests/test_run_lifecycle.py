@@ -129,6 +129,21 @@ def test_a_run_where_no_sample_finished_exits_1(tmp_path):
     assert (tmp_path / RUN_DIR / "summary.csv").is_file()  # recorded as always
 
 
+def test_a_sweep_cell_where_no_sample_finished_counts_as_unfinished(tmp_path):
+    from infllm_eval.cli import _finished_since
+    from infllm_eval.store import summarize
+
+    cfg, t0 = _cfg(tmp_path), time.time()
+    rec = dict(model="m", method="x", task="t", length=1, depth=0.0, status="timeout", score=None,
+               n_input_tokens=None, prefill_s=None, decode_s=None, peak_mem_bytes=None)
+    with RunStore(tmp_path / RUN_DIR) as store:
+        store.write_summary([rec])
+        assert not _finished_since(cfg, t0)  # another process / node ran it: its summary says n_ok = 0
+        store.write_summary([rec, {**rec, "status": "ok", "score": 1.0, "n_input_tokens": 1, "prefill_s": 1.0,
+                                   "decode_s": 0.1, "peak_mem_bytes": 1}])
+        assert _finished_since(cfg, t0)
+
+
 # -- 6. progress in logs -----------------------------------------------------------------------------------------
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     r = cli("run", *TINY, "progress=true", f"output_dir={tmp_path}")
@@ -156,6 +171,17 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, sig):
     kept = samples.read_text().count('"status": "ok"')
     assert f"interrupted: {kept} finished samples of this run are saved in {tmp_path / RUN_DIR}" in stderr, stderr
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+
+
+def test_an_interrupt_while_the_weights_load_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "load_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_cell(_cfg(tmp_path))
+    assert not (tmp_path / "tiny-llama").exists()
+    assert "interrupted before any sample ran; nothing was written" in capsys.readouterr().err
 
 
 # -- 8. hub lookups ----------------------------------------------------------------------------------------------
@@ -201,7 +227,7 @@ def test_a_full_disk_is_one_sentence_that_says_what_is_saved(tmp_path, monkeypat
         real(self, rec)
 
     monkeypatch.setattr(RunStore, "append", append)
-    with pytest.raises(UserError, match="No space left on device.*1 finished samples are saved"):
+    with pytest.raises(UserError, match="No space left on device.*1 finished samples were saved"):
         runner.run_cell(_cfg(tmp_path))
     assert (tmp_path / RUN_DIR / "samples.jsonl").read_text().count("\n") == 1
 
