@@ -32,7 +32,11 @@ def run(
     overrides: Optional[list[str]] = OVERRIDES,
     multirun: bool = typer.Option(False, "-m", "--multirun", help="Sweep over comma lists (a,b) as Hydra multirun."),
 ) -> None:
-    """Run one cell (or, with -m, every cell of a sweep); results go to output_dir/run_name."""
+    """Run one cell (or, with -m, every cell of a sweep); results go to output_dir/run_name.
+
+    Exit codes: 0 done; 1 no sample finished (every one failed: error / oom / timeout / skipped), or with -m a
+    cell that did not finish; 2 bad input (one sentence, nothing written); 130 interrupted (Ctrl-C or SIGTERM:
+    finished samples are kept, the same command resumes)."""
     overrides = list(overrides or [])
     if not multirun:
         _refuse_sweep_settings(overrides)
@@ -48,7 +52,8 @@ def run(
         if local:  # a cell that runs here needs its device here (a SLURM cell, on its node)
             check_runnable(cfg)
     if not multirun:
-        _run_and_show(cfgs[0])  # composed and validated above: one compose per run
+        if not _run_and_show(cfgs[0]):  # composed and validated above: one compose per run
+            raise typer.Exit(1)
         return
     started = time.time()
     _run_hydra(overrides)
@@ -56,7 +61,7 @@ def run(
     # wrote its summary.csv during this sweep (atomically, at its end), whatever ran it
     from infllm_eval import cli as this  # noqa: PLW0406 - the importable module, also under `python -m`
 
-    failed = sorted(set(this._failed_cells) | {_cell_name(c) for c in cfgs if not _summary_since(c, started)})
+    failed = sorted(set(this._failed_cells) | {_cell_name(c) for c in cfgs if not _finished_since(c, started)})
     if failed:
         err.print(f"[red]{len(failed)} of {len(cells)} cells failed:[/red] " + "; ".join(failed))
         raise typer.Exit(1)
@@ -79,21 +84,36 @@ def _cell_name(cfg) -> str:
     return f"{cfg.model.name}/{cfg.method.name}/{cfg.task.name}"
 
 
-def _summary_since(cfg, t0: float) -> bool:
+def _finished_since(cfg, t0: float) -> bool:
+    """The cell wrote its summary.csv since `t0` and at least one of its samples finished."""
     from infllm_eval.runner import run_dir_of
     from infllm_eval.store import SUMMARY_CSV
 
     summary = run_dir_of(cfg) / SUMMARY_CSV
-    return summary.exists() and summary.stat().st_mtime >= t0 - 1
+    if not summary.exists() or summary.stat().st_mtime < t0 - 1:
+        return False
+    import pandas as pd
+
+    try:
+        return int(pd.read_csv(summary)["n_ok"].sum()) > 0
+    except (ValueError, KeyError, OSError):
+        return False
 
 
-def _run_and_show(cfg) -> None:
+def _run_and_show(cfg) -> bool:
+    """Runs one cell and shows its summary; False (and one line saying so) when no sample finished."""
     from infllm_eval.runner import run_cell, run_target
 
     target = run_target(cfg)  # the run directory and shard, once per run
     summary = run_cell(cfg, target)
     show_summary(summary, title=f"{cfg.model.name} · {cfg.method.name} · {cfg.task.name}")
     out.print(f"results: {target.dir}")
+    if int(summary["n_ok"].sum()) > 0:
+        return True
+    failed = {k: int(summary[f"n_{k}"].sum()) for k in ("error", "oom", "timeout", "skipped")}
+    print(f"no sample finished ({', '.join(f'{n} {k}' for k, n in failed.items() if n)}); each record's "
+          f"'error' field in {target.dir}/samples.jsonl says why.", file=sys.stderr)
+    return False
 
 
 def _hydra_cell(cfg) -> None:
@@ -104,10 +124,11 @@ def _hydra_cell(cfg) -> None:
     job = HydraConfig.get()
     with open_dict(cfg):  # what `compose` records, from the job's own choices and overrides
         cfg["invocation"] = invocation(dict(job.runtime.choices), list(job.overrides.task))
+    name = _cell_name(cfg)
     try:
-        _run_and_show(cfg)
+        if not _run_and_show(cfg):
+            _failed_cells.append(name)
     except Exception as e:  # noqa: BLE001 - keep the sweep going; the error is reported at the end
-        name = _cell_name(cfg)
         err.print(f"[red]cell {name} failed:[/red] {type(e).__name__}: {e}")
         _failed_cells.append(name)
 
@@ -340,9 +361,7 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted; finished samples are saved and the run resumes when re-run.")
-        sys.exit(130)
+    # Ctrl-C: Typer turns KeyboardInterrupt into exit 130 before it gets here; the runner says what was kept
 
 
 if __name__ == "__main__":

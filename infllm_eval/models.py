@@ -160,6 +160,25 @@ def load_model(model_cfg: Any, device: str, dtype: str) -> LoadedModel:
     )
 
 
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model config without its weights: the config is validated, a hub model's config.json
+    is checked (architecture, cache) and the embedded GGUF is converted once if it never was. A model source
+    registered by a plugin has no tokenizer-only path: its model loads once on the CPU to get it."""
+    cfg = _as_dict(model_cfg)
+    _validate_cfg(cfg)
+    if cfg["source"] == "tiny":
+        return tiny_tokenizer(int(cfg["tiny"]["vocab_size"]))
+    if cfg["source"] == "hub":
+        source, kwargs, _ = _hub_location(cfg)
+        _check_arch_matches(cfg, _hub_config(cfg, source, kwargs))
+        return hub_tokenizer(cfg)
+    if cfg["source"] == "gguf_package":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_converted_gguf(cfg))
+    return load_model(cfg, device="cpu", dtype="float32").tokenizer
+
+
 def _as_dict(model_cfg: Any) -> dict:
     """A plain dict from an omegaconf DictConfig (interpolations resolved) or any mapping."""
     try:
@@ -277,18 +296,22 @@ def render_chat(lm: LoadedModel, prompt: str) -> str:
     vicuna_v1.1) wins over the tokenizer's own template. The result is text: tokenize it without
     adding special tokens again if the template already writes them.
     """
-    cfg = lm.cfg
+    return render_prompt(lm.cfg, lm.tokenizer, prompt)
+
+
+def render_prompt(cfg: dict, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """`render_chat` from a model config (a plain dict) and its tokenizer: no weights needed."""
     if not cfg["chat_template"]:
         return prompt
     if cfg["chat_format"]:
         return CHAT_FORMATS[cfg["chat_format"]](prompt)
-    if not getattr(lm.tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"Model '{cfg['name']}' has no chat template; set model.chat_template=false or "
             f"model.chat_format={'|'.join(CHAT_FORMATS)}."
         )
     messages = [{"role": "user", "content": prompt}]
-    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,13 +384,20 @@ def _load_gguf_package(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_file(cfg["gguf_package"])
+    target = _converted_gguf(cfg)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer, {"gguf_file": src.name, "gguf_size": src.stat().st_size}
+
+
+def _converted_gguf(cfg: dict) -> Path:
+    """The converted (safetensors) copy of the embedded GGUF, converted now if it never was."""
+    src = gguf_file(cfg["gguf_package"])
     target = gguf_cache_dir(src, cfg["id"].split("/")[-1].lower())
     if not (target / "model.safetensors").is_file():
         log.info("Converting %s once (about 20 s); cached in %s", src.name, target)
         write_atomically(target, lambda tmp: _convert_gguf(src, tmp))
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    return model, tokenizer, {"gguf_file": src.name, "gguf_size": src.stat().st_size}
+    return target
 
 
 def _convert_gguf(src: Path, dest: Path) -> None:
@@ -512,16 +542,60 @@ def _offline() -> bool:
     return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
+def _in_hub_cache(cfg: dict) -> bool:
+    """Whether the model's config.json (at model.revision) is in the local Hugging Face cache; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(cfg["id"], "config.json", revision=cfg["revision"])
+    except Exception:  # noqa: BLE001 - a malformed id or cache: not cached (the lookup then names the id)
+        return False
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT; the proxy's host when HTTPS_PROXY is set)
+    opens within `timeout_s`, name lookup included: a quick no instead of the hub client's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy") if os.environ.get(k)), None)
+    url = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)  # getaddrinfo itself ignores socket timeouts
+    worker.start()
+    worker.join(timeout_s)
+    return bool(result and result[0])
+
+
 def _hub_location(cfg: dict) -> tuple[str, dict, dict]:
-    """(what to pass to from_pretrained, its kwargs, the weights identity for the fingerprint)."""
+    """(what to pass to from_pretrained, its kwargs, the weights identity for the fingerprint).
+
+    A cached model loads from the cache alone; the network is asked only for a model that is not cached, and
+    only when it is reachable: otherwise one sentence says what to do, at once (the hub client would retry
+    for ~23 s)."""
     if cfg["path"]:
         path = Path(str(cfg["path"])).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise UserError(f"model.path '{cfg['path']}' is not a model directory (no config.json).")
         identity = {"path": str(path), "config": (path / "config.json").read_text()}
         return str(path), {"local_files_only": True}, identity
-    kwargs = {"revision": cfg["revision"], "local_files_only": _offline()}
-    return cfg["id"], kwargs, {"hub": cfg["id"]}
+    cached = _in_hub_cache(cfg)
+    if not cached and (_offline() or not _hub_reachable()):
+        raise _not_cached(cfg["id"])
+    return cfg["id"], {"revision": cfg["revision"], "local_files_only": cached}, {"hub": cfg["id"]}
 
 
 def _not_cached(model_id: str) -> UserError:
@@ -540,23 +614,38 @@ def hub_tokenizer(cfg: dict) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
     except (OSError, ValueError) as e:
+        if cfg["path"]:
+            raise UserError(f"model.path '{cfg['path']}' has no loadable tokenizer ({_first_line(e)}).") from e
         raise _not_cached(cfg["id"]) from e
+
+
+def _hub_config(cfg: dict, source: str, kwargs: dict) -> PretrainedConfig:
+    """The model's config.json (architecture checked), before any weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg["trust_remote_code"]), **kwargs)
+    except (OSError, ValueError) as err:
+        if cfg["path"]:
+            raise UserError(f"model.path '{cfg['path']}' has an unreadable config.json: {_first_line(err)}") from err
+        raise _not_cached(cfg["id"]) from err
+    check_architecture(config)
+    return config
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 @MODEL_SOURCES.register("hub")
 def _load_hub(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
     """Config first (architecture check), then tokenizer, then safetensors weights in `dtype`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, kwargs, identity = _hub_location(cfg)
+    config = _hub_config(cfg, source, kwargs)
     kwargs["trust_remote_code"] = bool(cfg["trust_remote_code"])
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        if cfg["path"]:
-            raise UserError(f"model.path '{cfg['path']}' has an unreadable config.json: {err}") from err
-        raise _not_cached(cfg["id"]) from err
-    check_architecture(config)
     identity["commit"] = getattr(config, "_commit_hash", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -566,6 +655,7 @@ def _load_hub(cfg: dict, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict
     except OSError as err:
         raise UserError(
             f"Could not load the tokenizer or the safetensors weights of model '{cfg['id']}' from "
-            f"'{source}' ({err}); only safetensors weights are loaded, so convert .bin checkpoints first."
+            f"'{source}' ({_first_line(err)}); only safetensors weights are loaded, so convert .bin checkpoints "
+            "first."
         ) from err
     return model, tokenizer, identity

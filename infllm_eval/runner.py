@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -24,12 +28,14 @@ from rich.progress import (
 from infllm_eval import __version__
 from infllm_eval.config import check_output_dir, parse_shard, recorded_invocation, resolved_yaml
 from infllm_eval.engine import Engine, SampleTimeout
-from infllm_eval.methods import make_method
+from infllm_eval.errors import UserError
+from infllm_eval.methods import ContextMethod, make_method
 from infllm_eval.metrics import get_metric
-from infllm_eval.models import load_model, render_chat
-from infllm_eval.store import RunStore, content_key, provenance, run_dir_name
-from infllm_eval.tasks import make_task
-from infllm_eval.tasks.base import SampleSkipped
+from infllm_eval.models import load_model, load_tokenizer, render_prompt, resolve_device_dtype
+from infllm_eval.store import (LOCK_FILE, SAMPLES_FILE, RunStore, content_key, provenance, read_samples,
+                               run_dir_name)
+from infllm_eval.tasks import as_plain_dict, make_task
+from infllm_eval.tasks.base import SampleSkipped, Task
 
 console = Console(stderr=True)
 
@@ -55,55 +61,213 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def run_cell(cfg: DictConfig, target: RunTarget | None = None) -> pd.DataFrame:
     """Runs (or resumes) one model x method x task cell and returns its tidy summary; `target` is
-    `run_target(cfg)` when the caller has computed it already."""
-    method = make_method(cfg.method)  # validates parameters before any weights load
+    `run_target(cfg)` when the caller has computed it already.
+
+    Order: everything that can be checked without the weights (`prepare_cell`: method, device, dtype, model
+    config and tokenizer, the task with its data and lengths, memory) before anything is written; then the run
+    directory and its lock (a second process is refused at once); then the existing records are read (a resume
+    that cannot read them is refused before anything changes); then the weights. A failure before the first
+    write removes the directories this call created, and nothing else."""
     target = run_target(cfg) if target is None else target
-    check_output_dir(target.dir)
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    render = (lambda text: render_chat(lm, text)) if cfg.model.chat_template else (lambda text: text)
-    task = make_task(cfg.task, lm.tokenizer, render, answer_prefix=bool(cfg.model.answer_prefix), seed=cfg.seed)
+    cell = prepare_cell(cfg, target)
+    say = _Feedback(bool(cfg.progress))
+    created = _first_missing(target.dir)
+    state = {"saved": 0, "new": 0, "started": False, "keys": set()}
+    try:
+        with _sigterm_interrupts():
+            check_output_dir(target.dir)
+            with RunStore(target.dir) as store:
+                store.check_records()
+                lm = _load_weights(cfg, say)
+                return _run(cfg, cell, lm, store, target, say, state)
+    except KeyboardInterrupt:
+        _remove_if_empty(target.dir, created)
+        _say_interrupted(target.dir, state)
+        raise
+    except BaseException:
+        _remove_if_empty(target.dir, created)
+        raise
+
+
+@dataclass
+class Cell:
+    """What `prepare_cell` checked and built before anything is written: the method, the task, its metric,
+    the samples this run (or shard) runs."""
+
+    method: ContextMethod
+    task: Task
+    metric: Callable
+    specs: list[dict]
+
+
+def prepare_cell(cfg: DictConfig, target: RunTarget) -> Cell:
+    """Every check that needs no weights, in the order a user fixes them; writes nothing."""
+    method = make_method(cfg.method)  # validates parameters
+    device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
+    tokenizer = load_tokenizer(cfg.model)  # model config, model.path / hub cache, architecture
+    model_cfg = as_plain_dict(cfg.model)
+    render = (lambda text: render_prompt(model_cfg, tokenizer, text)) if cfg.model.chat_template else (lambda t: t)
+    # the task with its data (task.data_dir) and its lengths (too short for the prompt, over the task's maximum)
+    task = make_task(cfg.task, tokenizer, render, answer_prefix=bool(cfg.model.answer_prefix), seed=cfg.seed)
     metric = get_metric(task.metric)
+    specs = task.sample_specs()
+    if target.shard:
+        specs = specs[target.shard[0] :: target.shard[1]]
+    if not specs:
+        raise UserError(f"shard={cfg.shard} selects none of the task's {len(task.sample_specs())} samples; "
+                        "use fewer shards.")
+    _check_memory(cfg, specs, device)
+    return Cell(method, task, metric, specs)
+
+
+def _check_memory(cfg: DictConfig, specs: list[dict], device: torch.device) -> None:
+    """Refuses a cell whose longest length `plan` estimates over the memory budget (the same estimate and
+    budget: `commands.plan.estimate`, `budget_bytes`), unless allow_over_budget=true. Tasks whose prompt
+    lengths are known only once built (benchmark rows) and models without a shape are not estimated."""
+    from infllm_eval.commands.plan import GIB, budget_bytes, estimate
+
+    if not isinstance(cfg.allow_over_budget, bool):
+        raise UserError(f"allow_over_budget must be true or false, got {cfg.allow_over_budget!r}.")
+    longest = max(int(s.get("length") or 0) for s in specs)
+    if not longest or cfg.allow_over_budget:
+        return
+    try:
+        peak = estimate(cfg, longest, device.type)["peak"]
+    except UserError:  # no shape to estimate from: `plan` says so; the run does not need one
+        return
+    budget = budget_bytes(None, device.type)
+    if peak > budget:
+        raise UserError(
+            f"{cfg.method.name} at {longest:,} tokens needs about {peak / GIB:.1f} GiB by `infllm-eval plan`'s "
+            f"estimate, over the {budget / GIB:.1f} GiB budget of this {device.type} (plan.budget_gb in "
+            "conf/tools.yaml, else its memory); lower task.lengths, pick a method that keeps less, or set "
+            "allow_over_budget=true to run anyway."
+        )
+
+
+def _load_weights(cfg: DictConfig, say: "_Feedback"):
+    say.line(f"loading model {cfg.model.name} ({cfg.device}, {cfg.dtype}) ...")
+    t0 = time.perf_counter()
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    say.line(f"model {cfg.model.name} loaded on {lm.device} ({str(lm.dtype).removeprefix('torch.')}) "
+             f"in {time.perf_counter() - t0:.1f} s")
+    return lm
+
+
+def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, say: "_Feedback",
+         state: dict) -> pd.DataFrame:
+    method, task, specs = cell.method, cell.task, cell.specs
     engine = Engine(lm.model, method, lm.device, lm.dtype)
     stop_ids = list(lm.stop_token_ids) + list(getattr(task, "extra_stop_token_ids", []) or [])
-
     gen = {"max_new_tokens": task.max_new_tokens, "chunk_size": cfg.chunk_size, "greedy": True}
     base_key = {
         "harness": __version__, "model": lm.fingerprint, "method": method.describe(),
         "task": task.data_fingerprint(), "generation": gen, "dtype": str(lm.dtype), "device": lm.device.type,
     }
-    specs = task.sample_specs()
-    if target.shard:
-        specs = specs[target.shard[0] :: target.shard[1]]
     timeout_s = cfg.get("sample_timeout_s")
     cell_key = content_key(base_key)  # names the config the records belong to (report reads only these)
-    with RunStore(target.dir) as store:
+    keys = [content_key(base_key, spec["sample_id"]) for spec in specs]
+    state.update(started=True, keys=set(keys))
+    with _writing(target.dir, state):
         store.start(resolved_yaml(cfg), provenance(lm.device, cfg.seed, model_fingerprint=lm.fingerprint,
                                                    task_fingerprint=base_key["task"], method=method.describe(),
                                                    generation=gen, dtype=base_key["dtype"],
                                                    attention_backend=method.attention_backend(lm.device, lm.dtype),
                                                    cell_key=cell_key, invocation=recorded_invocation(cfg)))
-        done = store.finished() if cfg.resume else {}
-        records = []
-        ids = {"model": cfg.model.name, "method": cfg.method.name, "task": cfg.task.name}
-        bar = _progress() if cfg.progress else nullcontext()
-        with bar as progress:
-            job = progress.add_task(ids["task"], total=len(specs), length="") if progress else None
-            for spec in specs:
-                key = content_key(base_key, spec["sample_id"])
-                if progress:
-                    progress.update(job, length=f"L={spec.get('length')}")
-                if key in done:
-                    records.append(done[key])
-                else:
-                    rec = _run_sample(engine, task, metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
-                                      timeout_s)
-                    rec.update(ids, key=key, cell_key=cell_key)
+    done = store.finished() if cfg.resume else {}
+    state["saved"] = sum(k in done for k in keys)
+    if state["saved"]:
+        say.line(f"resuming: {state['saved']} of {len(specs)} samples finished before are reused")
+    records = []
+    ids = {"model": cfg.model.name, "method": cfg.method.name, "task": cfg.task.name}
+    with say.bar(ids["task"], len(specs)) as tick:
+        for spec, key in zip(specs, keys):
+            if key in done:
+                records.append(done[key])
+            else:
+                rec = _run_sample(engine, task, cell.metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
+                                  timeout_s)
+                rec.update(ids, key=key, cell_key=cell_key)
+                with _writing(target.dir, state):
                     store.append(rec)
-                    records.append(rec)
-                if progress:
-                    progress.advance(job)
-        summary = store.write_summary(records)
-    return summary
+                state["new"] += rec["status"] == "ok"
+                records.append(rec)
+            tick(spec, records[-1], key in done)
+    with _writing(target.dir, state):
+        return store.write_summary(records)
+
+
+@contextmanager
+def _writing(run_dir: Path, state: dict):
+    """A write to the run directory that fails (disk full, quota, folder removed) is one sentence saying what
+    is kept, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"Cannot write to '{run_dir}' ({e.strerror or e}); {state['saved'] + state['new']} finished "
+                        "samples were saved before it: fix that (free space?) and run the same command to resume.") from e
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (scancel, a SLURM time limit, `kill`) ends the run as Ctrl-C does: the run says what it kept and
+    a start that had written nothing removes its folders. Only where SIGTERM has its default action (a launcher
+    such as submitit that handles it keeps its own handler) and only in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet: what creating it creates."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _remove_if_empty(run_dir: Path, created: Path | None) -> None:
+    """Removes the folders this call created (`created` and below, down to `run_dir`) while they hold nothing
+    but the lock file: a refused or failed start leaves no empty run directory behind, and nothing that holds
+    a record is ever removed."""
+    if created is None:
+        return
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        for p in (run_dir, *run_dir.parents):
+            p.rmdir()  # fails (and stops) at the first folder that is not empty
+            if p == created:
+                break
+    except OSError:
+        pass
+
+
+def _say_interrupted(run_dir: Path, state: dict) -> None:
+    """What Ctrl-C kept: the finished samples of this run's keys in samples.jsonl (read back: a record may be
+    written and the interrupt arrive before it was counted)."""
+    if not state["started"]:
+        print(f"interrupted before any sample ran; nothing was written to {run_dir}.", file=sys.stderr, flush=True)
+        return
+    path = run_dir / SAMPLES_FILE
+    ok = {r.get("key") for r in read_samples(path).records if r.get("status") == "ok"}
+    kept = len(ok & state["keys"])
+    state["new"] = kept - state["saved"]
+    print(f"interrupted: {kept} finished samples of this run are saved in {run_dir} ({state['new']} from this "
+          "try); run the same command again to resume (finished samples are reused, the rest run).",
+          file=sys.stderr, flush=True)
 
 
 def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None) -> dict:
@@ -135,6 +299,46 @@ def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, tim
     rec["wall_s"] = round(time.perf_counter() - t_start, 4)
     rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return rec
+
+
+class _Feedback:
+    """What the user sees while a cell runs (stderr; nothing with progress=false): a line when the model starts
+    and finishes loading, then rich's progress bar on a terminal, or one plain line per finished sample when
+    stderr is not a terminal (SLURM logs, CI), where a bar would show nothing until the cell ends."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def bar(self, name: str, total: int):
+        if not self.enabled:
+            yield lambda spec, rec, reused: None
+        elif self.tty:
+            with _progress() as progress:
+                job = progress.add_task(name, total=total, length="")
+
+                def tick(spec: dict, rec: dict, reused: bool) -> None:
+                    progress.update(job, length=f"L={spec.get('length')}", advance=1)
+
+                yield tick
+        else:
+            yield self._lines(name, total)
+
+    def _lines(self, name: str, total: int):
+        count, t0 = [0], time.perf_counter()
+
+        def tick(spec: dict, rec: dict, reused: bool) -> None:
+            count[0] += 1
+            what = "reused" if reused else f"{rec['status']} score={rec['score']} in {rec['wall_s']:.1f} s"
+            print(f"[{count[0]}/{total}] {name} {rec['sample_id']}: {what} ({time.perf_counter() - t0:.0f} s "
+                  "elapsed)", file=sys.stderr, flush=True)
+
+        return tick
 
 
 def _progress() -> Progress:

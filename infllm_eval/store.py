@@ -91,6 +91,10 @@ class RunStore:
             self._lock_file.close()
             raise UserError(f"Run directory '{self.dir}' is in use by another infllm-eval process; wait for it "
                             "or choose another output_dir/run_name.") from e
+        except OSError as e:  # e.g. a network filesystem without locks
+            self._lock_file.close()
+            raise UserError(f"Cannot lock '{self.dir / LOCK_FILE}' ({e.strerror}); put output_dir on a filesystem "
+                            "with file locks (flock).") from e
         return self
 
     def __exit__(self, *exc) -> None:
@@ -100,9 +104,23 @@ class RunStore:
 
     # -- records ---------------------------------------------------------------------------------------------------
     def load_records(self) -> list[dict]:
-        """All complete records in samples.jsonl; a torn (unterminated or unparsable) last line is dropped."""
+        """All complete records in samples.jsonl; a torn (unterminated or unparsable) last line is dropped (and
+        cut from the file, so the next append starts on a fresh line). A bad line before the last one is a
+        UserError, raised before the file is touched."""
+        records, good_bytes, size = self._parse_records()
+        if good_bytes < size:  # cut the torn tail so the next append starts on a fresh line
+            with open(self.samples_path, "r+b") as f:
+                f.truncate(good_bytes)
+        return records
+
+    def check_records(self) -> None:
+        """Reads samples.jsonl without modifying it: a UserError if a line other than the last is corrupt."""
+        self._parse_records()
+
+    def _parse_records(self) -> tuple[list[dict], int, int]:
+        """(complete records, bytes they span, file size); a corrupt line before the last is a UserError."""
         if not self.samples_path.exists():
-            return []
+            return [], 0, 0
         data = self.samples_path.read_bytes()
         lines = data.split(b"\n")
         records, good_bytes = [], 0
@@ -119,10 +137,7 @@ class RunStore:
                 if not last:
                     raise UserError(f"{self.samples_path} line {i + 1} is not valid JSON; delete that line to resume.")
                 break
-        if good_bytes < len(data):  # cut the torn tail so the next append starts on a fresh line
-            with open(self.samples_path, "r+b") as f:
-                f.truncate(good_bytes)
-        return records
+        return records, good_bytes, len(data)
 
     def finished(self) -> dict[str, dict]:
         """key -> latest record with status ok (failed samples are retried on resume): `latest_per_key`'s
@@ -144,17 +159,21 @@ class RunStore:
 
     # -- run files -------------------------------------------------------------------------------------------------
     def start(self, config_yaml: str, provenance: dict) -> None:
-        """Writes config + provenance and removes a previous summary, so an interrupted run never leaves a
-        summary that looks complete."""
+        """Checks the existing records first (a corrupt line refuses the run before anything changes), then
+        removes a previous summary, so an interrupted run never leaves a summary that looks complete, and
+        writes config + provenance."""
+        self.load_records()
         for name in (SUMMARY_CSV, SUMMARY_MD):
             (self.dir / name).unlink(missing_ok=True)
         _atomic_write(self.dir / CONFIG_FILE, config_yaml)
         _atomic_write(self.dir / PROVENANCE_FILE, json.dumps(provenance, indent=2, default=str))
 
     def write_summary(self, records: Iterable[dict]) -> pd.DataFrame:
+        """summary.md, then summary.csv (each atomically): summary.csv is the mark of a finished cell, so it
+        is written last."""
         df = summarize(list(records))
-        _atomic_write(self.dir / SUMMARY_CSV, df.to_csv(index=False))
         _atomic_write(self.dir / SUMMARY_MD, to_markdown(df))
+        _atomic_write(self.dir / SUMMARY_CSV, df.to_csv(index=False))
         return df
 
 

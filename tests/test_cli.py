@@ -132,7 +132,8 @@ def test_run_composes_once_and_computes_the_run_directory_once(tmp_path, monkeyp
 
     def run_cell(cfg, target=None):
         seen.update(cfg=cfg, target=target)
-        return summarize([])
+        return summarize([dict(model="m", method="x", task="t", length=1, depth=0.0, status="ok", score=1.0,
+                               n_input_tokens=1, prefill_s=1.0, decode_s=0.1, peak_mem_bytes=1)])
 
     monkeypatch.setattr(cli_module, "compose", compose)
     monkeypatch.setattr(runner, "run_target", run_target)

@@ -89,7 +89,7 @@ class PasskeyTask:
         self.template: str = profile["template"]
         self.max_new_tokens: int = max_new_tokens(task_cfg["max_new_tokens"], profile)
 
-        self.lengths = _validate_lengths(task_cfg["lengths"])
+        self.lengths = _validate_lengths(task_cfg["lengths"], int(definition["max_prompt_tokens"]))
         self.depths = _validate_depths(task_cfg["depths"])
         self.samples = _validate_samples(task_cfg["samples"])
         self._specs = self._make_specs()
@@ -337,12 +337,16 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
-def _validate_lengths(value: Any) -> list[int]:
+def _validate_lengths(value: Any, longest: int) -> list[int]:
+    """Positive token counts up to the definition's `max_prompt_tokens` (`longest`)."""
     lengths = _as_list(value)
     bad = [v for v in lengths if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if value is None or not lengths or bad:
         shown = bad[0] if bad else value
         raise UserError(f"task.lengths must be a list of positive integers (token counts); got {shown!r}.")
+    if max(lengths) > longest:
+        raise UserError(f"task.lengths value {max(lengths):,} is over this task's maximum of {longest:,} tokens "
+                        "(max_prompt_tokens in its task file).")
     return [int(v) for v in lengths]
 
 

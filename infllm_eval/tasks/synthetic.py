@@ -164,23 +164,8 @@ def _kv_row(sizer: _Sizer, length: int, depth: float, rng: random.Random) -> dic
 
 
 def load_tokenizer(model_cfg: Any) -> Any:
-    """The tokenizer of a model config (conf/model/*.yaml) without loading weights where possible."""
-    from infllm_eval.tasks import as_plain_dict
+    """The tokenizer of a model config (conf/model/*.yaml) without loading weights where possible
+    (`models.load_tokenizer`, which the runner's checks use too)."""
+    from infllm_eval.models import load_tokenizer as model_tokenizer
 
-    cfg = as_plain_dict(model_cfg)
-    if cfg["source"] == "tiny":
-        from infllm_eval.models import tiny_tokenizer
-
-        return tiny_tokenizer(int(cfg["tiny"]["vocab_size"]))
-    if cfg["source"] == "hub":
-        from infllm_eval.models import hub_tokenizer
-
-        return hub_tokenizer(cfg)
-    from infllm_eval.models import gguf_cache_dir, gguf_file, load_model
-
-    converted = gguf_cache_dir(gguf_file(cfg["gguf_package"]), cfg["id"].split("/")[-1].lower())
-    if (converted / "tokenizer_config.json").is_file():  # the embedded model was converted before: no weights
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(converted)
-    return load_model(cfg, device="cpu", dtype="float32").tokenizer
+    return model_tokenizer(model_cfg)
