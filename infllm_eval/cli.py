@@ -355,13 +355,24 @@ def score(
         out.print(f"per-sample scores: {write_per_sample(res, per_sample)}")
 
 
+#: click's UsageError as typer uses it (typer >= 0.25 vendors click): the base class of typer.BadParameter
+_USAGE_ERROR = typer.BadParameter.__mro__[1]
+
+
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here too, to be said in one line
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)  # plain print: one line, never wrapped
         sys.exit(2)
-    # Ctrl-C: Typer turns KeyboardInterrupt into exit 130 before it gets here; the runner says what was kept
+    except _USAGE_ERROR as e:  # unknown command or option, missing argument, a value of the wrong type
+        sub = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
+        where = f" (see 'infllm-eval {sub + ' ' if sub else ''}--help')"
+        print(f"error: {e.format_message()}{where}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C outside a run (a run says what it kept itself)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,14 @@ def test_bad_input_is_exit_2_one_line_no_traceback(command, tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert r.stderr.startswith("error: ")
     assert list(tmp_path.iterdir()) == []  # a refused command leaves nothing behind
+
+
+@pytest.mark.parametrize("args", [["nosuch"], ["check"], ["plan", "--budget-gb", "abc"], ["check", "x", "--alpha"],
+                                  ["data", "make"], ["report", "--nosuch", "x"]], ids=" ".join)
+def test_usage_errors_are_one_line_exit_2_not_a_box(args, tmp_path):
+    """Unknown commands and options, missing arguments, values of the wrong type: click's usage errors, said in
+    one line like every other bad input (typer printed a multi-line box)."""
+    r = subprocess.run([sys.executable, "-m", "infllm_eval.cli", *args], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "--help" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "╭" not in r.stderr and "Traceback" not in r.stderr
