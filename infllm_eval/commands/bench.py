@@ -228,10 +228,10 @@ def _is_method_override(o: str) -> bool:
 
 
 def compose_method(overrides: list[str], method: str) -> DictConfig:
-    """The config of one bench method: the overrides, with `method=<method>` for any method choice in them, so
-    `method.params.*` overrides apply to it (`bench.methods` decides the methods, not `method=`)."""
+    """The config of one bench method: the overrides (`run_bench` refused any `method=` in them) with
+    `method=<method>`, so `method.params.*` overrides apply to it."""
     try:
-        return compose([o for o in overrides if not o.startswith("method=")] + [f"method={method}"])
+        return compose([*overrides, f"method={method}"])
     except UserError as e:
         if not any(_is_method_override(o) and not o.startswith("method=") for o in overrides):
             raise
