@@ -42,7 +42,7 @@ CONFIG_KEYS = (
 )  # fmt: skip
 TINY_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "vocab_size", "seed",
+    "vocab_size", "seed", "initializer_range",
 )  # fmt: skip
 
 _VICUNA_SYSTEM = (
