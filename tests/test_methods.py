@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 from infllm_reference import DenseInfLLM, DenseWindow
+from method_helpers import ARCHS, conf_params, hf_greedy, prompt, run, tiny
 from omegaconf import OmegaConf
 
 from infllm_eval.engine import Engine
@@ -19,61 +20,10 @@ from infllm_eval.methods.lminfinite import LMInfinite
 from infllm_eval.methods.memory import SideStream, SlidingKV
 from infllm_eval.methods.streamingllm import StreamingLLM
 
-ARCHS = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]  # GQA (llama, mistral) and non-GQA (qwen2)
-
-
-def conf_params(method: str) -> dict:
-    """`method.params` of conf/method/<method>.yaml as composed: the code holds no defaults, so a method built
-    directly takes every key from its config."""
-    from infllm_eval.config import compose
-
-    return OmegaConf.to_container(compose([f"method={method}"]).method.params)
-
-
 FULL, STREAMING, LMINFINITE = conf_params("full"), conf_params("streamingllm"), conf_params("lminfinite")
 SMALL = dict(conf_params("infllm"), n_local=64, n_init=8, topk=3, block_size=16, repr_topk=2, exc_block_size=32,
              max_cached_block=4, cache_strategy="lru", score_decay=None, chunk_topk_calc=None, perhead=False,
              base=None, distance_scale=None, global_distance=None, prefill_mask_fix=True, offload=False)
-
-
-#: std of the tiny models' random weights in these tests. At transformers' default (0.02, the tiny configs' value)
-#: attention is near-uniform and logits have std ~0.17, so a wrong query position or a dropped block moves logits by
-#: little more than the tolerance; at 0.2 attention scores spread over several units and logits have std ~1.6
-SHARP = 0.2
-
-
-@functools.lru_cache(maxsize=None)
-def tiny(name: str):  # also loads "smollm2"
-    from infllm_eval.config import compose
-    from infllm_eval.models import load_model
-
-    sharp = [f"model.tiny.initializer_range={SHARP}"] if name.startswith("tiny-") else []
-    return load_model(compose([f"model={name}", *sharp]).model, device="cpu", dtype="float32").model
-
-
-def prompt(model, n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, model.config.vocab_size, (n,), generator=g)
-
-
-def run(model, method, ids, chunk_size, new_tokens=6):
-    """-> (logits after the prompt, greedy tokens)"""
-    eng = Engine(model, method, torch.device("cpu"), torch.float32)
-    logits = eng.prefill(eng.new_states(), ids, chunk_size)
-    return logits, eng.generate(ids, new_tokens, chunk_size, stop_ids=[]).tokens
-
-
-def hf_greedy(model, ids, n):
-    """The unpatched model: full recompute per step (no cache), argmax."""
-    x = ids[None]
-    out = []
-    with torch.no_grad():
-        logits0 = model(x).logits[0, -1]
-        for _ in range(n):
-            t = int(model(x).logits[0, -1].argmax())
-            out.append(t)
-            x = torch.cat([x, torch.tensor([[t]])], 1)
-    return logits0, out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
