@@ -6,6 +6,15 @@ It keeps the whole un-rotated K/V history and, for every query, builds its key s
             (without the fix: every remainder token before b1 - n_local), all un-rotated, query rotated at n_local-1
 and takes ONE softmax over the concatenation. Representative scores, unit packing and retrieval follow the
 reference's bookkeeping with plain Python loops. Used only in tests.
+
+Retrieval (spec: infllm.md §2.3b, §2.9): with more units than topk, unit u scores <mean global query, repr_u> per
+query head; the heads' scores are summed (`head_reduce` max: their maximum) and the topk best units serve every
+head, or with `perhead` each head takes its own topk best by its own score. Equal scores: the lower unit (token)
+index first, for units and for representative tokens alike (the harness's rule; the reference's torch.topk orders
+ties arbitrarily). `chunk_topk_calc` (a forward call of more than one token only): at the start of every
+`chunk_topk_calc // exc_block_size` execution blocks of the call, the selections of all of them are made at once
+from the units that exist then; units packed later in that group are not candidates until the next group, and
+"no more units than topk" means every unit existing then.
 """
 
 from __future__ import annotations
@@ -37,27 +46,42 @@ class DenseInfLLM(ContextMethod):
         dist = torch.tensor([n_local - 1])
         rot = lambda x, positions: self.rope.rotate(x[None].float(), torch.as_tensor(positions))[0].double()
         out = torch.zeros(q.shape[1:], dtype=torch.float64)  # [H, L, D]
-        p0 = int(pos[0])
-        for b0 in range(p0, p0 + q.shape[2], E):
-            b1 = min(p0 + q.shape[2], b0 + E)
+        p0, L = int(pos[0]), q.shape[2]
+        ctc = p.get("chunk_topk_calc")
+        group = (ctc // E) * E if ctc is not None and L > 1 else E  # tokens whose selections are made together
+        best = lambda scores, n: sorted(range(len(scores)), key=lambda u: (-scores[u], u))[:n]  # ties: lower first
+
+        def select(qg_block, n_units):  # -> the units every query head attends (one list per head)
+            if n_units <= topk:
+                return [list(range(n_units))] * H
+            qm = qg_block.mean(dim=1)  # [H, D]
+            per_head = [[float(x) for x in (qm * rep).sum(dim=-1)] for _, rep in st["units"][:n_units]]  # [U][H]
+            if p.get("perhead"):
+                return [sorted(best([s[h] for s in per_head], topk)) for h in range(H)]
+            s = [max(x) if p.get("head_reduce") == "max" else sum(x) for x in per_head]
+            return [sorted(best(s, topk))] * H
+
+        planned = {}
+        for b0 in range(p0, p0 + L, E):
+            b1 = min(p0 + L, b0 + E)
+            if (b0 - p0) % group == 0:  # plan this block and the next ones of its group with today's units
+                n_units = len(st["units"])
+                for c0 in range(b0, min(p0 + L, b0 + group), E):
+                    c1 = min(p0 + L, c0 + E)
+                    planned[c0] = select(rot(q[0, :, c0 - p0 : c1 - p0], dist), n_units)
+            sel = planned.pop(b0)
             qb = q[0, :, b0 - p0 : b1 - p0]
             qg = rot(qb, dist)  # [H, Eb, D]
-            if len(st["units"]) > topk:
-                qm = qg.mean(dim=1)  # [H, D]
-                per_head = [(qm * rep).sum(dim=-1) for _, rep in st["units"]]  # [H] each
-                s = [float(x.max() if p.get("head_reduce") == "max" else x.sum()) for x in per_head]
-                sel = sorted(sorted(range(len(s)), key=lambda u: -s[u])[:topk])
-            else:
-                sel = list(range(len(st["units"])))
             for i in range(b0, b1):
                 qi_loc = rot(qb[:, i - b0 : i - b0 + 1], [i])[:, 0]  # [H, D]
                 qi_glob = qg[:, i - b0]
                 loc = list(range(max(0, i - n_local + 1), i + 1))
-                glob = list(range(st["init_len"]))
-                for u in sel:
-                    glob += list(range(st["units"][u][0], st["units"][u][0] + bs))
-                glob += [j for j in range(st["rem_st"], b1 - n_local) if (i - j >= n_local or not fix)]
+                rem = [j for j in range(st["rem_st"], b1 - n_local) if (i - j >= n_local or not fix)]
                 for h in range(H):
+                    glob = list(range(st["init_len"]))
+                    for u in sel[h]:
+                        glob += list(range(st["units"][u][0], st["units"][u][0] + bs))
+                    glob += rem
                     kh, vh = K[h // G], V[h // G]
                     k_loc = rot(kh[loc][None], loc)[0]
                     logits = [k_loc @ qi_loc[h]]
@@ -78,7 +102,8 @@ class DenseInfLLM(ContextMethod):
                 s0 = st["rem_st"]
                 rep = torch.zeros(H, K.shape[2], dtype=torch.float64)
                 for h in range(H):
-                    top = st["score"][h, s0 : s0 + bs].topk(r).indices + s0
+                    sc = st["score"][h, s0 : s0 + bs].tolist()
+                    top = [s0 + j for j in best(sc, r)]
                     rep[h] = K[h // G, top].mean(dim=0)
                 st["units"].append((s0, rep))
                 st["rem_st"] += bs

@@ -11,6 +11,10 @@ Departures / named options (recorded in provenance via `describe()`):
 - `prefill_mask_fix` (default true): the reference's prefill complement mask uses the wrong offset so, inside an
   execution block, up to E-1-i of a query's oldest local tokens are attended twice (locally and globally; §2.12.1).
   `false` reproduces that duplicate attention; decoding is identical either way.
+- Ties (a rule here, not the reference's): equal lookup scores rank the lower unit index first, in every lookup
+  path (shared, `perhead`, `chunk_topk_calc`, `neighbor_units`, `faiss`), and equal accumulated scores the lower
+  token index first when picking representative tokens (`rank` / `top`: a stable descending sort). The
+  reference's `torch.topk` orders ties as its kernel happens to, which differs across devices and implementations.
 - `global_distance` (default null = n_local - 1, as the code; the paper's text says n_local).
 - `offload` (auto = on for CUDA): units in host memory, `max_cached_block` device slots with `lru` / `lru-s`.
 - `pin_memory`, `async_global_stream`, `faiss`, `fattn` (reference options; speed and device memory only, never
@@ -47,6 +51,18 @@ from infllm_eval.methods import METHODS
 from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 from infllm_eval.methods.memory import SideStream, SlidingKV, UnitStore
+
+
+def rank(score: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dimension, best score first; equal scores by lower index first. `torch.topk` (the
+    reference's choice) orders equal scores as its kernel happens to, which differs across devices and
+    implementations; a stable descending sort makes the order a rule, so two implementations agree on ties."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices
+
+
+def top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` best indices along the last dimension in `rank` order (ties: lower index first)."""
+    return rank(score)[..., :k]
 
 
 def _positive(params: dict, *keys: str) -> None:
@@ -182,16 +198,16 @@ class InfLLM(ContextMethod):
         qm = torch.stack([self._global_q(q[:, :, s:e]).float().mean(dim=2) for s, e in blocks], dim=1)  # [B, nb, H, D]
         per_head = self.unit_scores(qm, units)  # [nb, H, U]
         if self.perhead:
-            idx = per_head.topk(self.topk, dim=-1).indices.sort(dim=-1).values  # [nb, H, topk]
+            idx = top(per_head, self.topk).sort(dim=-1).values  # [nb, H, topk]
             plan = [idx[i] for i in range(len(blocks))]
         else:
             score = per_head.amax(dim=1) if self.params["head_reduce"] == "max" else per_head.sum(dim=1)  # [nb, U]
             nbr = self.params["neighbor_units"]
             if nbr:
-                order = score.argsort(dim=-1, descending=True).tolist()  # [nb, U] best first
+                order = rank(score).tolist()  # [nb, U] best first
                 plan = [self._with_neighbors(o, units.n, nbr) for o in order]
             else:
-                plan = score.topk(self.topk, dim=-1).indices.sort(dim=-1).values.tolist()  # [nb, topk]
+                plan = top(score, self.topk).sort(dim=-1).values.tolist()  # [nb, topk]
         if self.observer is not None:
             self.observer("lookup", state["layer"], query=qm[0], scores=per_head, selection=list(plan), first=st,
                           n_queries=L)
@@ -299,7 +315,7 @@ class InfLLM(ContextMethod):
     def _representative(self, k: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Per query head: mean of the un-rotated keys of the `repr_topk` tokens with the highest accumulated local
         attention. k [B, H_kv, bs, D], score [B, H, bs] -> [B, H, D]."""
-        idx = score.topk(self.repr_topk, dim=-1).indices  # [B, H, r]
+        idx = top(score, self.repr_topk)  # [B, H, r]
         k_h = k.repeat_interleave(self.group, dim=1)  # [B, H, bs, D] (one KV head per query-head group)
         picked = torch.gather(k_h, 2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
         return picked.float().mean(dim=2).to(k.dtype)
