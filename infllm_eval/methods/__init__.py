@@ -36,4 +36,5 @@ def make_method(method_cfg: Any) -> ContextMethod:
                         f"valid: {', '.join(valid)}.")
     method = cls(**params)
     method.validate()
+    method.check_name(str(method_cfg["name"]))
     return method

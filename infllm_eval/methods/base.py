@@ -71,6 +71,10 @@ class ContextMethod:
         if not isinstance(q_tile, int) or isinstance(q_tile, bool) or q_tile <= 0:
             raise UserError(f"method.params.q_tile must be a positive integer, got {q_tile!r}.")
 
+    def check_name(self, name: str) -> None:
+        """Raise UserError when `name` (`method.name`: the label of run directories, records and report rows) would
+        present these parameters as another variant's results. Any name by default."""
+
     def bind(self, model, spec: ModelSpec) -> None:
         """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
         self.spec = spec

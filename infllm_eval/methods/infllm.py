@@ -10,7 +10,10 @@ at one fixed distance (`global_distance`, the code's n_local - 1), in ONE softma
 Departures / named options (recorded in provenance via `describe()`):
 - `prefill_mask_fix` (default true): the reference's prefill complement mask uses the wrong offset so, inside an
   execution block, up to E-1-i of a query's oldest local tokens are attended twice (locally and globally; §2.12.1).
-  `false` reproduces that duplicate attention; decoding is identical either way.
+  `false` reproduces that duplicate attention; decoding is identical either way. The released code has the bug,
+  so the paper presets (`preset=mistral-infbench`, ...) and `preset=infllm-original` set `false` and name their
+  results `infllm-original`; `method=infllm` stays the corrected masking, named `infllm` (`check_name` refuses a
+  `method.name` that says the other masking, so a report never mixes the two in one row).
 - Ties (a rule here, not the reference's): equal lookup scores rank the lower unit index first, in every lookup
   path (shared, `perhead`, `chunk_topk_calc`, `neighbor_units`, `faiss`), and equal accumulated scores the lower
   token index first when picking representative tokens (`rank` / `top`: a stable descending sort). The
@@ -123,6 +126,21 @@ class InfLLM(ContextMethod):
                 raise UserError(f"method.params.{key} must be true or false, got {p[key]!r}.")
         if p["offload"] not in ("auto", True, False):
             raise UserError(f"method.params.offload must be auto, true or false, got {p['offload']!r}.")
+
+    #: the result name of the reference code's prefill masking (`prefill_mask_fix: false`; the paper presets and
+    #: preset=infllm-original set it); `infllm` is the corrected masking. A report holding both shows two rows
+    ORIGINAL_NAME = "infllm-original"
+
+    def check_name(self, name: str) -> None:
+        fix = bool(self.params["prefill_mask_fix"])
+        if name == self.name and not fix:
+            raise UserError(f"method.name '{name}' names the corrected masking, but prefill_mask_fix is false (the "
+                            f"reference code's): name these results apart, e.g. method.name={self.ORIGINAL_NAME} "
+                            f"(preset=infllm-original and the paper presets do), so reports never mix the two.")
+        if name == self.ORIGINAL_NAME and fix:
+            raise UserError(f"method.name '{name}' names the reference code's masking, but prefill_mask_fix is true "
+                            f"(the corrected one): with a paper preset and the corrected masking set "
+                            f"method.name={self.name} (or another name).")
 
     def offloads(self, device: str) -> bool:
         """Whether memory units live in host memory on a device of this type (`offload: auto` = on for CUDA)."""
