@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 
 import pytest
 import torch
 from infllm_reference import DenseInfLLM, DenseWindow
-from method_helpers import ARCHS, conf_params, hf_greedy, prompt, run, tiny
+from method_helpers import ARCHS, conf_params, hf_greedy, prompt, run, run_steps, tiny
 from omegaconf import OmegaConf
 
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
 from infllm_eval.methods import kernels, make_method
 from infllm_eval.methods.full import FullAttention
-from infllm_eval.methods.infllm import InfLLM
+from infllm_eval.methods.infllm import InfLLM, rank, top
 from infllm_eval.methods.lminfinite import LMInfinite
 from infllm_eval.methods.memory import SideStream, SlidingKV
 from infllm_eval.methods.streamingllm import StreamingLLM
@@ -68,29 +68,187 @@ def test_window_covering_input_equals_full(arch, method):
     assert tokens == full_tokens
 
 
-@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fix", [True, False])
-@pytest.mark.parametrize("chunk", [32, 96, 299])
+@pytest.mark.parametrize("chunk", [37, 96, 299])
 def test_infllm_matches_dense_reference(arch, fix, chunk):
-    """Input ~5x n_local: units are packed, retrieved, and the remainder is attended; prefill and decoding."""
+    """Input ~5x n_local: units are packed, retrieved, and the remainder is attended; the logits after the prompt
+    and after every decoded token. Execution blocks start at each forward call's start, so chunk 37 moves their
+    boundaries (and the units packed after them) against 96 and 299."""
     m = tiny(arch)
     ids = prompt(m, 300, seed=1)
     params = dict(SMALL, prefill_mask_fix=fix)
-    logits, tokens = run(m, InfLLM(**params), ids, chunk)
-    ref_logits, ref_tokens = run(m, DenseInfLLM(**params), ids, chunk)
+    logits, tokens = run_steps(m, InfLLM(**params), ids, chunk)
+    ref_logits, ref_tokens = run_steps(m, DenseInfLLM(**params), ids, chunk)
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert tokens == ref_tokens
     full_logits, _ = run(m, FullAttention(**FULL), ids, chunk)
-    assert (logits - full_logits).abs().max() > 1e-3  # the memory really is in play
+    assert (logits[0] - full_logits).abs().max() > 1e-3  # the memory really is in play
 
 
-def test_prefill_mask_bug_changes_outputs_and_fix_is_chunk_independent():
+#: InfLLM's switches that change what is attended, each against the dense reference (which implements them from
+#: the spec), on a GQA and a non-GQA model, with a chunk that splits execution blocks (50) and one call (299)
+SWITCHES = [
+    ("perhead", dict(perhead=True), "tiny-mistral", 50),
+    ("perhead", dict(perhead=True), "tiny-qwen2", 299),
+    ("chunk_topk_calc", dict(chunk_topk_calc=128), "tiny-mistral", 299),
+    ("chunk_topk_calc", dict(chunk_topk_calc=128), "tiny-qwen2", 50),
+    ("chunk_topk_calc", dict(chunk_topk_calc=64, perhead=True), "tiny-llama", 299),
+    ("head_reduce", dict(head_reduce="max"), "tiny-llama", 96),
+    ("head_reduce", dict(head_reduce="max"), "tiny-qwen2", 50),
+    ("base", dict(base=500.0), "tiny-mistral", 96),
+    ("distance_scale", dict(distance_scale=0.25), "tiny-qwen2", 96),
+]
+
+
+@pytest.mark.parametrize("name,switch,arch,chunk", SWITCHES, ids=[f"{s[0]}-{s[2]}-{s[3]}" for s in SWITCHES])
+def test_infllm_switches_match_dense_reference_and_change_outputs(name, switch, arch, chunk):
+    """perhead: every query head retrieves its own topk units by its own score; chunk_topk_calc: the selections of
+    several execution blocks are made at once from the units existing then (stale for units packed later in the
+    group); head_reduce max; base and distance_scale reach every stage's rotation. Logits of every decoded
+    position = the dense reference's, and the switch really changes them (> 1e-3)."""
+    m = tiny(arch)
+    ids = prompt(m, 300, seed=1)
+    params = dict(SMALL, **switch)
+    logits, tokens = run_steps(m, InfLLM(**params), ids, chunk)
+    ref_logits, ref_tokens = run_steps(m, DenseInfLLM(**params), ids, chunk)
+    assert (logits - ref_logits).abs().max() <= 1e-4 and tokens == ref_tokens
+    plain, _ = run_steps(m, InfLLM(**dict(SMALL, **{k: v for k, v in switch.items() if k != name})), ids, chunk)
+    assert (logits[0] - plain[0]).abs().max() > 1e-3  # without the switch (`name`)
+
+
+def test_rank_orders_equal_scores_by_lower_index_first():
+    """The one ranking every unit lookup and representative-token choice uses: best score first, equal scores
+    lower index first (torch.topk orders ties as its kernel happens to: on this CPU zeros(13).topk(3) is not
+    [0, 1, 2])."""
+    score = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -0.0, 0.0], [0.0] * 7])
+    assert rank(score).tolist() == [[1, 2, 4, 3, 0, 5, 6], list(range(7))]
+    assert top(score, 3).tolist() == [[1, 2, 4], [0, 1, 2]]
+    assert top(torch.zeros(2, 4, 300), 5).tolist() == [[list(range(5))] * 4] * 2  # [nb, H, U]: per head (perhead)
+    method = InfLLM(**SMALL)
+    Engine(tiny("tiny-llama"), method, torch.device("cpu"), torch.float32)
+    keys = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    score = torch.zeros(1, 4, 16)
+    score[0, 1, [3, 9, 12]] = 1.0  # head 1: three tied best tokens, repr_topk 2 takes 3 and 9
+    want = torch.stack([keys[0, 0, :2].mean(0), keys[0, 0, [3, 9]].mean(0), keys[0, 1, :2].mean(0),
+                        keys[0, 1, :2].mean(0)])
+    assert torch.allclose(method._representative(keys, score)[0], want)
+
+
+def _tied_in_layer_0(arch: str):
+    """The tiny model with layer 0's query projection zeroed: every global query there is 0, so every memory unit
+    scores exactly 0 (an exact tie of all units, in fp32 and in the reference's fp64 alike)."""
+    m = copy.deepcopy(tiny(arch))
+    q_proj = m.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight.zero_()
+        if q_proj.bias is not None:
+            q_proj.bias.zero_()
+    return m
+
+
+@pytest.mark.parametrize("switch", [{}, dict(perhead=True), dict(chunk_topk_calc=96), dict(head_reduce="max"),
+                                    dict(neighbor_units=1)], ids=["shared", "perhead", "chunk_topk_calc",
+                                                                  "head_reduce", "neighbor_units"])
+def test_tied_unit_scores_select_the_lower_units_as_the_dense_reference(switch):
+    """Every lookup of layer 0 ties all units: each path (shared selection, per head, several blocks at once,
+    max over heads, with neighbours) takes units 0..topk-1, and the outputs equal the reference's, which breaks
+    ties the same way."""
+    m = _tied_in_layer_0("tiny-llama")
+    ids = prompt(m, 300, seed=1)
+    params = dict(SMALL, **switch)
+    method = InfLLM(**params)
+    seen = []
+    method.observer = lambda event, layer, **d: seen.extend(d["selection"]) if (event, layer) == ("lookup", 0) \
+        else None
+    logits, tokens = run_steps(m, method, ids, 96)
+    first = list(range(SMALL["topk"]))
+    assert seen and all((sel.tolist() == [first] * 4) if switch.get("perhead") else sel == first for sel in seen)
+    if "neighbor_units" not in switch:  # the reference has no neighbours (an addition beyond the paper)
+        ref_logits, ref_tokens = run_steps(m, DenseInfLLM(**params), ids, 96)
+        assert (logits - ref_logits).abs().max() <= 1e-4 and tokens == ref_tokens
+
+
+def test_base_and_distance_scale_set_the_rotation_angles():
+    """Rope's angles from first principles: position p * distance_scale times base^(-2i/d) (HF/NeoX halves), with
+    the model's theta when base is null; and a method's own Rope takes both from its params."""
+    from infllm_eval.rope import Rope
+
+    m = tiny("tiny-llama")
+    D = m.config.hidden_size // m.config.num_attention_heads
+    pos = torch.tensor([0, 1, 7, 300, 5000])
+    for base, scale in [(None, None), (500.0, None), (None, 0.25), (2e6, 0.5)]:
+        inv = 1.0 / (base or 10000.0) ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+        angle = (pos.double() * (scale or 1.0))[:, None] * inv
+        cos, sin = Rope(m, base=base, distance_scale=scale).cos_sin(pos, torch.zeros(1))
+        assert (cos.double() - torch.cat([angle.cos()] * 2, -1)).abs().max() <= 1e-4, (base, scale)
+        assert (sin.double() - torch.cat([angle.sin()] * 2, -1)).abs().max() <= 1e-4, (base, scale)
+        method = InfLLM(**dict(SMALL, base=base, distance_scale=scale))
+        Engine(m, method, torch.device("cpu"), torch.float32)
+        assert torch.equal(method.rope.cos_sin(pos, torch.zeros(1))[0], cos)
+
+
+PAPER_PRESETS = ["mistral-infbench", "llama3-infbench", "mistral-longbench-6k", "mistral-longbench-12k",
+                 "passkey-1m"]
+
+
+@pytest.mark.parametrize("preset", [*PAPER_PRESETS, "infllm-original"])
+def test_paper_presets_run_the_reference_masking_under_their_own_name(preset):
+    """The paper presets reproduce the released code, its prefill masking included, and name their results
+    `infllm-original`; `method=infllm` stays the corrected masking, named `infllm`, with the result key it had."""
+    from infllm_eval.config import compose
+
+    cfg = compose(["model=mistral", "method=infllm", f"preset={preset}"])
+    assert cfg.method.name == InfLLM.ORIGINAL_NAME and cfg.run_name == "mistral/infllm-original/passkey"
+    assert make_method(cfg.method).describe()["prefill_mask_fix"] is False
+    plain = compose(["model=mistral", "method=infllm"])
+    assert plain.method.name == "infllm" and make_method(plain.method).describe()["prefill_mask_fix"] is True
+
+
+def test_a_method_name_that_hides_the_masking_is_refused():
+    """`infllm` is the corrected masking and `infllm-original` the reference's: a config whose name says the other
+    one is refused in one sentence (other names are free, e.g. infllm-maxhead)."""
+    from infllm_eval.config import compose
+
+    with pytest.raises(UserError, match="method.name=infllm-original"):
+        make_method(compose(["method=infllm", "method.params.prefill_mask_fix=false"]).method)
+    with pytest.raises(UserError, match="method.name=infllm "):
+        make_method(compose(["method=infllm", "preset=passkey-1m", "method.params.prefill_mask_fix=true"]).method)
+    for ok in (["preset=passkey-1m", "method.params.prefill_mask_fix=true", "method.name=infllm"],
+               ["preset=infllm-maxhead", "method.params.prefill_mask_fix=false"]):
+        make_method(compose(["method=infllm", *ok]).method)
+
+
+def test_a_report_shows_the_corrected_and_the_reference_masking_as_two_rows(tmp_path):
+    """Both variants run on one model and task: two run directories, records and report rows."""
+    from infllm_eval.commands.report import cells, load_runs
+    from infllm_eval.config import compose
+    from infllm_eval.runner import run_cell
+
+    base = ["model=tiny-llama", "method=infllm", "task.lengths=[200]", "task.depths=[0.5]", "task.samples=1",
+            "progress=false", f"output_dir={tmp_path}", "model.tiny.initializer_range=0.2",
+            "method.params.n_local=64", "method.params.n_init=8", "method.params.topk=2",
+            "method.params.block_size=16", "method.params.exc_block_size=32", "method.params.max_cached_block=4",
+            "chunk_size=64"]
+    for extra in ([], ["preset=infllm-original"]):
+        run_cell(compose([*base, *extra]))
+    assert {p.name for p in (tmp_path / "tiny-llama").iterdir()} == {"infllm", "infllm-original"}
+    df = load_runs(tmp_path)
+    table = cells(df, ["model", "method", "task"])
+    assert sorted(table["method"]) == ["infllm", "infllm-original"] and (table["n"] == 1).all()
+
+
+def test_prefill_mask_bug_changes_outputs_and_block_aligned_chunks_agree():
+    """Chunks that keep the execution blocks where they were (multiples of exc_block_size, or the whole prompt)
+    give the same logits, with either masking; the reference's masking changes them."""
     m = tiny("tiny-llama")
     ids = prompt(m, 300, seed=2)
-    fixed = [run(m, InfLLM(**SMALL), ids, c)[0] for c in (32, 96, 299)]
-    assert all((f - fixed[0]).abs().max() <= 1e-5 for f in fixed)
-    buggy, _ = run(m, InfLLM(**dict(SMALL, prefill_mask_fix=False)), ids, 32)
-    assert (buggy - fixed[0]).abs().max() > 1e-4
+    for fix in (True, False):
+        got = [run(m, InfLLM(**dict(SMALL, prefill_mask_fix=fix)), ids, c)[0] for c in (32, 96, 299)]
+        assert all((g - got[0]).abs().max() <= 1e-5 for g in got)
+        if fix:
+            fixed = got[0]
+    assert (got[0] - fixed).abs().max() > 1e-3
     assert InfLLM(**dict(SMALL, prefill_mask_fix=False)).describe()["prefill_mask_fix"] is False
 
 
@@ -100,8 +258,8 @@ def test_window_methods_match_dense_reference(scheme, cls, chunk):
     m = tiny("tiny-llama")
     ids = prompt(m, 200, seed=3)
     params = dict(STREAMING if cls is StreamingLLM else LMINFINITE, n_init=8, n_local=48)
-    logits, tokens = run(m, cls(**params), ids, chunk)
-    ref_logits, ref_tokens = run(m, DenseWindow(**dict(params, scheme=scheme)), ids, chunk)
+    logits, tokens = run_steps(m, cls(**params), ids, chunk)
+    ref_logits, ref_tokens = run_steps(m, DenseWindow(**dict(params, scheme=scheme)), ids, chunk)
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert tokens == ref_tokens
 
@@ -260,20 +418,32 @@ def test_fattn_false_runs_the_explicit_path_with_the_same_outputs(monkeypatch, c
     assert fused_calls  # the spies do see the fused route
 
 
-def test_faiss_keeps_the_representative_vectors_in_host_memory():
-    """faiss (reference option): the representative vectors live in host memory and are scored there, with the same
-    outputs. On CPU that is where they were anyway; `test_cuda_matches_cpu` runs it where it moves them."""
+def test_faiss_puts_the_representative_vectors_in_host_memory_off_the_compute_device(monkeypatch):
+    """faiss (reference option): InfLLM asks its unit stores for host-resident representative vectors, and a store
+    on another device (here `meta`, standing in for CUDA: on CPU host and device are one) keeps them in host
+    memory, out of its device bytes, while without faiss they stay on the compute device. The outputs on a GPU:
+    `test_cuda_matches_cpu`."""
+    from infllm_eval.methods import infllm, memory
+
+    asked = []
+    real = memory.UnitStore
+
+    def spy(*a, **kw):
+        asked.append(kw["repr_on_host"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(infllm, "UnitStore", spy)
     m = tiny("tiny-llama")
-    ids = prompt(m, 300, seed=6)
-    base = run(m, InfLLM(**SMALL), ids, 64)
-    method = InfLLM(**dict(SMALL, faiss=True))
-    eng = Engine(m, method, torch.device("cpu"), torch.float32)
-    states = eng.new_states()
-    eng.prefill(states, ids, 64)
-    units = states[0]["units"]
-    assert units.n > 0 and units.reprs.device.type == "cpu"
-    logits, tokens = run(m, method, ids, 64)
-    assert torch.equal(logits, base[0]) and tokens == base[1]
+    for faiss in (True, False):
+        asked.clear()
+        run(m, InfLLM(**dict(SMALL, faiss=faiss)), prompt(m, 120, seed=6), 64, new_tokens=1)
+        assert asked and set(asked) == {faiss}
+    like = torch.empty(1, 2, 0, 16, device="meta")
+    for on_host, where in ((True, "cpu"), (False, "meta")):
+        store = real(like, 4, 16, False, 4, "lru", None, repr_on_host=on_host)
+        assert store.reprs.device.type == where
+        store.n = 3  # three units' representative vectors: counted on the device only when they live there
+        assert store.nbytes() - 2 * 3 * 2 * 16 * 16 * 4 == (0 if on_host else 3 * 4 * 16 * 4)
 
 
 def test_perhead_equals_shared_selection_when_every_unit_fits():
@@ -287,13 +457,13 @@ def test_perhead_equals_shared_selection_when_every_unit_fits():
     assert torch.isfinite(c).all() and (c - a).abs().max() > 1e-5
 
 
-def test_chunk_topk_calc_is_stale_by_design_but_runs():
+def test_chunk_topk_calc_of_one_execution_block_is_the_default():
+    """chunk_topk_calc = exc_block_size plans one block at a time: bit-identical to null. (Its stale selections
+    against the dense reference: `test_infllm_switches_match_dense_reference_and_change_outputs`.)"""
     m = tiny("tiny-llama")
     ids = prompt(m, 400, seed=6)
     a, _ = run(m, InfLLM(**SMALL), ids, 128)
-    b, _ = run(m, InfLLM(**dict(SMALL, chunk_topk_calc=128)), ids, 128)
-    assert torch.isfinite(b).all()
-    same, _ = run(m, InfLLM(**dict(SMALL, chunk_topk_calc=32)), ids, 128)  # one block at a time = default
+    same, _ = run(m, InfLLM(**dict(SMALL, chunk_topk_calc=32)), ids, 128)
     assert torch.equal(a, same)
 
 
@@ -501,17 +671,9 @@ def test_neighbor_units_keeps_topk_and_brings_both_sides():
     assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
-def test_head_reduce_max_matches_dense_reference_and_changes_selection(arch):
-    m = tiny(arch)
-    ids = prompt(m, 300, seed=3)
-    params = dict(SMALL, head_reduce="max")
-    logits, tokens = run(m, InfLLM(**params), ids, 96)
-    ref_logits, ref_tokens = run(m, DenseInfLLM(**params), ids, 96)
-    assert (logits - ref_logits).abs().max() <= 1e-4 and tokens == ref_tokens
-    summed, _ = run(m, InfLLM(**SMALL), ids, 96)
-    assert (logits - summed).abs().max() > 1e-6  # another selection really ran
-    assert InfLLM(**params).describe()["head_reduce"] == "max"
+def test_head_reduce_is_recorded_only_when_not_the_reference():
+    """(Against the dense reference: `test_infllm_switches_match_dense_reference_and_change_outputs`.)"""
+    assert InfLLM(**dict(SMALL, head_reduce="max")).describe()["head_reduce"] == "max"
     assert "head_reduce" not in InfLLM(**dict(SMALL, head_reduce="sum")).describe()  # neutral: old keys hold
 
 
