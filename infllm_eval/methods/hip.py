@@ -166,44 +166,59 @@ class HiPAttention(ContextMethod):
             out[0, :, nd:] = self.sparse_attention(qs, kf, vf, starts, count, cfg, num_sink).to(out.dtype)
         return out
 
-    def sparse_attention(self, q, keys, values, starts, count, cfg: MaskConfig, num_sink: int) -> torch.Tensor:
+    def sparse_attention(self, q, keys, values, starts, count, cfg: MaskConfig, num_sink: int,
+                         tile_floats: int = 1 << 23) -> torch.Tensor:
         """q [H, L, D] (the sparse queries, last L of T), keys/values [H_kv, T, D] -> [H, L, D]: per (head, block)
-        one softmax over sink + selected blocks + window, causal."""
+        one softmax over the sink, the window and the selected blocks, causal. Work layout [H_kv, blocks, G, bq,
+        keys]: sink and window keys are shared by a KV head's query heads (the window as a strided view of the
+        padded cache, no gather); selected blocks are gathered per query head. Tiled over query blocks."""
         H, L, D = q.shape
         Hkv, T, _ = keys.shape
-        gq, bq, bk, sw = H // Hkv, cfg.bq, cfg.bk, cfg.sliding_window_size
-        nb = starts.shape[1]
-        dev = q.device
-        S = num_sink * bk
-        kk = int(count.max()) if count.numel() else 0
-        sel = (starts[..., :kk, None] + torch.arange(bk, device=dev)).reshape(H, nb, kk * bk)
-        sel_ok = (torch.arange(kk, device=dev)[None, None] < count[..., None]).repeat_interleave(bk, dim=-1)
-        end = T - L + (torch.arange(nb, device=dev) + 1) * bq  # [nb], not clamped (the kernel's tsrc)
-        w0 = torch.clamp(end - sw, min=0)
-        win = w0[:, None] + torch.arange(sw, device=dev)  # [nb, sw]
-        sel_ok &= (sel >= S) & (sel < T) & ~((sel >= w0[None, :, None]) & (sel < torch.clamp(end, max=T)[None, :, None]))
-        idx = torch.cat([torch.arange(S, device=dev).expand(H, nb, S), win.expand(H, nb, sw), sel], dim=-1)
-        ok = torch.cat([(torch.arange(S, device=dev) < T).expand(H, nb, S), (win >= S).expand(H, nb, sw), sel_ok], -1)
-        ok &= idx < T
-        qp = torch.zeros(H, nb * bq, D, device=dev, dtype=q.dtype)
+        G, bq, bk, sw = H // Hkv, cfg.bq, cfg.bk, cfg.sliding_window_size
+        nb, dev = starts.shape[1], q.device
+        S = min(num_sink * bk, T)
+        kk = int(count.max()) * bk if count.numel() else 0
+        # selected keys [H, nb, kk]; those in the sink, past T or inside the block's window come from there
+        sel = (starts[..., : kk // bk, None] + torch.arange(bk, device=dev)).reshape(H, nb, kk)
+        end = T - L + (torch.arange(nb, device=dev) + 1) * bq  # [nb] one past the block's last query slot
+        sel_ok = (torch.arange(kk, device=dev) // bk)[None, None] < count[..., None]
+        sel_ok &= (sel >= S) & (sel < T) & ~((sel >= (end - sw)[None, :, None]) & (sel < end[None, :, None]))
+        pad = lambda x: torch.cat([x.new_zeros(Hkv, sw, D), x, x.new_zeros(Hkv, bq, D)], 1)  # window of any block
+        kp, vp = pad(keys), pad(values)  # key j at row j + sw
+        qp = q.new_zeros(H, nb * bq, D)
         qp[:, :L] = q
-        qp = qp.view(H * nb, bq, D)
-        q_pos = (T - L + torch.arange(nb * bq, device=dev)).view(nb, bq)
-        idx, ok = idx.reshape(H * nb, -1), ok.reshape(H * nb, -1)
-        kv_head = (torch.arange(H, device=dev) // gq).repeat_interleave(nb)  # [H * nb]
+        qp = qp.view(Hkv, G, nb, bq, D).transpose(1, 2)  # [Hkv, nb, G, bq, D]
+        q_pos = T - L + torch.arange(nb * bq, device=dev).view(nb, bq)
+        res = q.new_empty(Hkv, nb, G, bq, D)
         kflat, vflat = keys.reshape(Hkv * T, D), values.reshape(Hkv * T, D)
-        res = torch.empty(H * nb, bq, D, device=dev, dtype=torch.float32)
-        n_keys = idx.shape[1]
-        step = max(1, (1 << 22) // max(1, n_keys * D))
-        for s in range(0, H * nb, step):
-            e = min(H * nb, s + step)
-            gi = kv_head[s:e, None] * T + idx[s:e].clamp(max=T - 1)
-            lg = torch.bmm(qp[s:e], kflat[gi].transpose(1, 2)).mul_(self.scale)  # [t, bq, n_keys]
-            pos_b = q_pos[torch.arange(s, e, device=dev) % nb]  # [t, bq]
-            allowed = ok[s:e, None] & (idx[s:e, None] <= pos_b[:, :, None])
-            lg.masked_fill_(~allowed, -math.inf)
-            res[s:e] = torch.bmm(torch.softmax(lg, dim=-1).nan_to_num_(0.0), vflat[gi])
-        return res.view(H, nb * bq, D)[:, :L]
+        step = max(1, tile_floats // (H * bq * (S + sw + kk + D)))
+        for b0 in range(0, nb, step):
+            b1 = min(nb, b0 + step)
+            n = b1 - b0
+            qt = qp[:, b0:b1].contiguous().mul_(self.scale)  # [Hkv, n, G, bq, D]
+            pos = q_pos[b0:b1]  # [n, bq]
+            win = lambda x: x.as_strided((Hkv, n, sw, D), (x.stride(0), bq * D, D, 1), (end[b0] - sw + sw) * D)
+            kw, vw = win(kp), win(vp)  # [Hkv, n, sw, D]: keys end_b - sw .. end_b - 1
+            st = sel[:, b0:b1].reshape(Hkv, G, n, kk).transpose(1, 2)  # [Hkv, n, G, kk]
+            gi = (torch.arange(Hkv, device=dev)[:, None, None, None] * T + st.clamp(0, T - 1)).reshape(-1)
+            ks_, vs_ = kflat[gi].view(Hkv, n, G, kk, D), vflat[gi].view(Hkv, n, G, kk, D)
+            lg = torch.cat([
+                torch.matmul(qt.view(Hkv, n * G * bq, D), keys[:, :S].transpose(1, 2)).view(Hkv, n, G, bq, S),
+                torch.matmul(qt.view(Hkv, n, G * bq, D), kw.transpose(2, 3)).view(Hkv, n, G, bq, sw),
+                torch.matmul(qt, ks_.transpose(3, 4))], dim=-1)  # [Hkv, n, G, bq, S + sw + kk]
+            j_w = (end[b0:b1] - sw)[:, None] + torch.arange(sw, device=dev)  # [n, sw]
+            ok = torch.cat([
+                (torch.arange(S, device=dev) <= pos[:, :, None])[:, None].expand(Hkv, n, G, bq, S),
+                (((j_w >= S) & (j_w < T))[:, None] & (j_w[:, None] <= pos[:, :, None]))[:, None].expand(
+                    Hkv, n, G, bq, sw),
+                (sel_ok[:, b0:b1].reshape(Hkv, G, n, kk).transpose(1, 2)[:, :, :, None]
+                 & (st[:, :, :, None] <= pos[None, :, None, :, None]))], dim=-1)
+            p = torch.softmax(lg.masked_fill_(~ok, -math.inf), dim=-1)
+            o = torch.matmul(p[..., :S].reshape(Hkv, n * G * bq, S), values[:, :S]).view(Hkv, n, G, bq, D)
+            o += torch.matmul(p[..., S : S + sw].reshape(Hkv, n, G * bq, sw), vw).view(Hkv, n, G, bq, D)
+            o += torch.matmul(p[..., S + sw :], vs_)
+            res[:, b0:b1] = o
+        return res.transpose(1, 2).reshape(H, nb * bq, D)[:, :L]
 
     # -- accounting ------------------------------------------------------------------------------------------
     def _sparse_keys(self) -> int:

@@ -53,17 +53,29 @@ def _round(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)
 
 
-def estimate(q: torch.Tensor, keys: torch.Tensor, cfg: MaskConfig, tile_floats: int = 1 << 24
+def estimate(q: torch.Tensor, keys: torch.Tensor, cfg: MaskConfig, tile_floats: int = 1 << 25
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [H, L, D] (rotated, the sparse queries of the call), keys [H_kv, T, D] (rotated, whole cache) ->
     (block starts [H, nb, KK] int64, count [H, nb] int64): row (h, b) attends to the blocks
-    [start, start + bk) of its first `count` entries."""
+    [start, start + bk) of its first `count` entries. Query blocks are independent: they are estimated in tiles
+    whose score table (`_max_scores`, [H, blocks, T]) stays within `tile_floats`."""
+    H, L, D = q.shape
+    T = keys.shape[1]
+    nb = cdiv(L, cfg.bq)
+    nqs = len(range(0, cfg.bq, cfg.reduce_stride))
+    step = max(1, tile_floats // (H * T * max(nqs, 2)))
+    parts = [_estimate(q, keys, cfg, b0, min(nb, b0 + step)) for b0 in range(0, nb, step)]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def _estimate(q, keys, cfg: MaskConfig, b0: int, b1: int):
+    """`estimate` for query blocks [b0, b1)."""
     H, L, D = q.shape
     Hkv, T, _ = keys.shape
-    gq, bq, bk, G = H // Hkv, cfg.bq, cfg.bk, cfg.grid
+    bq, bk, G = cfg.bq, cfg.bk, cfg.grid
     dev = q.device
-    nb = cdiv(L, bq)
-    blocks = torch.arange(nb, device=dev)
+    blocks = torch.arange(b0, b1, device=dev)
+    nb = b1 - b0  # rows below index blocks relative to b0
     tsrc = torch.clamp(T - L + blocks * bq + max(bq, bk), max=T)  # [nb] keys visible to the block's last query
     w_curr = round(cfg.w_start / cfg.scale_up)
     ws = torch.clamp(tsrc, 0, w_curr)
@@ -79,32 +91,34 @@ def estimate(q: torch.Tensor, keys: torch.Tensor, cfg: MaskConfig, tile_floats: 
     R = H * nb * G
     locs = torch.cat([locs.expand(H, nb, G, MK).reshape(R, MK), locs.new_zeros(R, 1)], 1)  # + a dump column
     tmask = locs.new_zeros(R, TM + 1)
-    row_b = blocks.repeat_interleave(G).repeat(H)  # [R]
-    row_h = torch.arange(H, device=dev).repeat_interleave(nb * G)
-    t_src = tsrc[row_b]
-    w_old = ws[row_b].clone()
-    k_old = ks[row_b].clone()
+    row_hb = torch.arange(H * nb, device=dev).repeat_interleave(G)  # [R] index into [H * nb]
+    t_src = tsrc.repeat_interleave(G).repeat(H)
+    w_old = ws.repeat_interleave(G).repeat(H)
+    k_old = ks.repeat_interleave(G).repeat(H)
     ws_out, ks_out = w_old.clone(), k_old.clone()
 
-    # scoring queries: every reduce_stride-th query of the block, positions and validity
+    # scoring queries: every reduce_stride-th query of the block; per (head, block) and key, the max over them of
+    # q.k where the pair is not masked (causal, window area): the table the iterations read candidates from
     rel = torch.arange(0, bq, cfg.reduce_stride, device=dev)
     t_q = blocks[:, None] * bq + rel[None]  # [nb, nqs] index in the call
     q_ok = t_q < L
-    q_pos = t_q + (T - L)
     qs = q[:, t_q.clamp(max=L - 1)] * q_ok[None, :, :, None]  # [H, nb, nqs, D]
-    dim_masks = None
+    c_sw = max(0, cfg.sliding_window_size - bq - bk)
+    limit = torch.where(q_ok, t_q + (T - L) - c_sw, -1)  # [nb, nqs]: the last key each scoring query scores
+    Tt = int(tsrc.max())  # keys at or past the tile's last t_src are never scored (causal)
+    dim_sets = [None]
     if cfg.sparq_hid is not None:  # top-|q| dims of the block's queries (sum of |q| over the block)
-        qa = torch.zeros(H, nb * bq, D, device=dev, dtype=q.dtype)
-        qa[:, :L] = q.abs()
-        order = torch.sort(qa.view(H, nb, bq, D).sum(2), dim=-1, descending=True, stable=True).indices
+        qa = torch.zeros(H, b1 * bq, D, device=dev, dtype=q.dtype)
+        qa[:, : min(L, b1 * bq)] = q[:, : b1 * bq].abs()
+        qa = qa[:, b0 * bq :].view(H, nb, bq, D).sum(2)
+        order = torch.sort(qa, dim=-1, descending=True, stable=True).indices
         hid = cfg.sparq_hid
-        dim_masks = []
+        dim_sets = []
         for n in (hid // 2 if hid > 16 else hid, hid):  # the first iteration uses half the dims
             m = torch.zeros(H, nb, D, device=dev, dtype=q.dtype)
             m.scatter_(-1, order[..., :n], 1.0)
-            dim_masks.append(m)
-    c_sw = max(0, cfg.sliding_window_size - bq - bk)
-    keys_flat = keys.reshape(Hkv * T, D)
+            dim_sets.append(m)
+    tables = [_max_scores(qs if m is None else qs * m[:, :, None], keys[:, :Tt], limit) for m in dim_sets]
 
     n_iter, w = 0, w_curr
     while w < T:
@@ -153,8 +167,7 @@ def estimate(q: torch.Tensor, keys: torch.Tensor, cfg: MaskConfig, tile_floats: 
             C = min(cap, TM)
             ncand = torch.clamp(npix[tk], max=C)
             cand = tm[:, :C]
-            score = _score(cand, ts[tk], rows, row_h, row_b, gq, T, bk, qs, q_pos, q_ok, c_sw, keys_flat,
-                           None if dim_masks is None else dim_masks[0 if it == 0 else 1], tile_floats)
+            score = _score(cand, ts[tk], row_hb[rows], bk, tables[0 if it == 0 or len(tables) == 1 else 1])
             eligible = torch.arange(C, device=dev)[None] < ncand[:, None]
             kn = k_new[tk]
             ranked = torch.sort(score.masked_fill(~eligible, -math.inf), dim=1, descending=True).values
@@ -185,27 +198,40 @@ def estimate(q: torch.Tensor, keys: torch.Tensor, cfg: MaskConfig, tile_floats: 
     return col * bk, count
 
 
-def _score(cand, ts, rows, row_h, row_b, gq, T, bk, qs, q_pos, q_ok, c_sw, keys_flat, dim_mask, tile_floats):
-    """Max over scoring queries x the bk keys at each candidate's first key of q.k; -inf where every pair is
-    masked (causal, or inside the sliding-window area). cand [n, C] fp32 locations -> [n, C] fp32."""
-    n, C = cand.shape
-    D = keys_flat.shape[1]
+def _max_scores(qs: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """qs [H, nb, nqs, D], keys [H_kv, T, D], limit [nb, nqs] -> [H * nb, T]: per (head, block) and key j, the max
+    over scoring queries i with j <= limit_i of q_i.k_j; -inf where none."""
+    H, nb, nqs, D = qs.shape
+    Hkv, T, _ = keys.shape
+    dots = torch.matmul(qs.reshape(Hkv, (H // Hkv) * nb * nqs, D), keys.transpose(1, 2))  # GQA: heads share keys
+    dots = dots.view(H, nb, nqs, T)
+    ok_q = limit >= 0  # queries past the call (a short last block) score nothing
+    if not bool(ok_q.all()):
+        dots.masked_fill_(~ok_q[None, :, :, None], -math.inf)
+    out = dots.amax(dim=2)  # [H, nb, T]: right where every query of the block may score the key
+    # the limits of a block's queries span < bq keys: recompute those edge columns with the per-query mask
+    lo = torch.where(ok_q, limit, limit.max() + T).amin(1)  # [nb]
+    hi = limit.amax(1)
+    width = max(1, int((hi - lo).max()))
+    cols = (lo[:, None] + 1 + torch.arange(width, device=qs.device)).clamp(max=T - 1)  # [nb, width]
+    edge = dots.gather(3, cols[None, :, None].expand(H, nb, nqs, width))
+    edge.masked_fill_(cols[:, None] > limit[:, :, None], -math.inf)
+    out.scatter_(2, cols[None].expand(H, nb, width), edge.amax(dim=2))
+    out.masked_fill_(torch.arange(T, device=qs.device) > hi[:, None], -math.inf)
+    return out.view(H * nb, T)
+
+
+def _score(cand: torch.Tensor, ts: torch.Tensor, hb: torch.Tensor, bk: int, table: torch.Tensor) -> torch.Tensor:
+    """Max over scoring queries x the bk keys at each candidate's first key of q.k (from `table`, [H * nb, T']);
+    -inf where every pair is masked. cand [n, C] fp32 locations, ts [n] the rows' T_b, hb [n] their table rows."""
+    T = table.shape[1]
     r = (cand.double() * ts[:, None].double()).long()
     r = torch.minimum(torch.clamp(r, min=0), ts[:, None] - 1)
     r = torch.div(r, bk, rounding_mode="floor") * bk
-    kidx = r[:, :, None] + torch.arange(bk, device=cand.device)  # [n, C, bk]
-    out = cand.new_empty(n, C)
-    step = max(1, tile_floats // max(1, C * bk * D))
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        h, b = row_h[rows[s:e]], row_b[rows[s:e]]
-        ki = kidx[s:e].reshape(e - s, C * bk)
-        kv = keys_flat[(h // gq)[:, None] * T + ki.clamp(max=T - 1)]  # [t, C*bk, D]
-        qv = qs[h, b]  # [t, nqs, D]
-        if dim_mask is not None:
-            qv = qv * dim_mask[h, b][:, None]
-        dots = torch.bmm(qv, kv.transpose(1, 2))  # [t, nqs, C*bk]
-        ok = (ki[:, None] < T) & q_ok[b][:, :, None] & (ki[:, None] <= (q_pos[b] - c_sw)[:, :, None])
-        dots.masked_fill_(~ok, -math.inf)
-        out[s:e] = dots.view(e - s, -1, C, bk).amax(dim=(1, 3))
-    return out
+    flat, base = table.view(-1), (hb * T)[:, None]
+    best = None
+    for kk in range(bk):
+        j = r + kk
+        v = flat[base + j.clamp(max=T - 1)].masked_fill_(j >= T, -math.inf)  # keys past T' are never scored
+        best = v if best is None else torch.maximum(best, v)
+    return best
