@@ -14,7 +14,7 @@ __all__ = ["METHODS", "ContextMethod", "ModelSpec", "make_method"]
 METHODS: Registry[type[ContextMethod]] = Registry(
     "method implementation",
     modules=("infllm_eval.methods.full", "infllm_eval.methods.streamingllm", "infllm_eval.methods.lminfinite",
-             "infllm_eval.methods.infllm"),
+             "infllm_eval.methods.infllm", "infllm_eval.methods.longheads"),
 )
 
 
