@@ -154,63 +154,71 @@ class LongHeads(ContextMethod):
         st["q_pend"] = qc[:, max(n, 0) * w :].clone()
 
     def _select(self, st: dict, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Chosen complete chunks per (head, query): bool [H, L, gmax]. Scores q·R, q un-rotated, no scale; chunk 0
-        and g-1 forced; the rest by score descending, then chunk index ascending (stable sort)."""
+        """Chosen complete chunks [H, L, min(Kc - 1, gmax)] in ascending order; slot r is real iff r < min(Kc - 1,
+        g). Scores q·R, q un-rotated, no scale; chunks 0 and g-1 forced; the others by score descending, then chunk
+        index ascending (stable sort)."""
         gmax = int(g[-1])
         sc = torch.einsum("hld,hcd->hlc", q.float(), st["reps"][:, :gmax])  # [H, L, gmax]
         c = torch.arange(gmax, device=q.device)
         valid = c < g[:, None]  # [L, gmax]
-        sc = sc.masked_fill(~valid, -INF).masked_fill(valid & ((c == 0) | (c == g[:, None] - 1)), INF)
+        sc = sc.masked_fill_(~valid, -INF).masked_fill_(valid & ((c == 0) | (c == g[:, None] - 1)), INF)
         top = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., : self.n_chunks]
-        chosen = torch.zeros_like(sc, dtype=torch.bool).scatter_(-1, top, True)
-        return chosen & valid
+        return top.sort(dim=-1).values  # chunks >= g (not real) sort after the real ones
 
     def _selective(self, st: dict, q: torch.Tensor, t0: int, out: torch.Tensor) -> None:
-        """Queries t0.. (all >= B): q [H, L, D] un-rotated -> out [H, L, D]."""
-        w, H, L, D = self.w, *q.shape
-        dev = q.device
-        kl, vv = st["kv"].view()
-        kl, vv = kl[0], vv[0]  # [Hkv, T, D]
-        Hkv = kl.shape[0]
+        """Queries t0.. (all >= B): q [H, L, D] un-rotated -> out [H, L, D]. Per query tile, one online softmax:
+        started by the partial chunk (true distances), then one step per (KV head, chunk) over the (head, query,
+        rank) rows that chose it: their queries rotated at P - rank*w times the chunk's k̃ (a matmul in cache)."""
+        w, (H, L, D) = self.w, q.shape
+        kl, vv = (x[0] for x in st["kv"].view())  # k̃, v [Hkv, T, D]
+        Hkv, dev = kl.shape[0], q.device
         G = H // Hkv
         t = torch.arange(t0, t0 + L, device=dev)
         g = t // w if self.quirk else (t + 1) // w  # candidate complete chunks
         ps, pe = g * w, t if self.quirk else t + 1  # the partial chunk's keys [ps, pe)
-        n = g.clamp(max=self.n_chunks)  # selected complete chunks; the query sits at n*w + t - ps
-        chosen = self._select(st, q, g)  # [H, L, gmax]
-        gmax = chosen.shape[-1]
-        rank = chosen.cumsum(-1) - 1  # rank of a chosen chunk in ascending order
+        n = g.clamp(max=self.n_chunks)  # chunks chosen; the query sits at n*w + t - ps
+        ids = self._select(st, q, g)  # [H, L, K1]
+        K1, gmax = ids.shape[-1], int(g[-1])
+        slot = torch.arange(K1, device=dev)
+        key = (torch.arange(H, device=dev) // G * gmax)[:, None, None] + ids  # (KV head, chunk) of each row
+        key.masked_fill_(slot >= n[:, None], Hkv * gmax)  # slots past n: no chunk
+        rel = ((n[:, None] - slot) * w + (t - ps)[:, None]).clamp_(0, self.A - 1)  # [L, K1]: P - rank*w
         qs = (q.float() * self.scale).contiguous()  # [H, L, D]
         for s in range(0, L, self.q_tile):
             e = min(L, s + self.q_tile)
             tq = e - s
-            u = chosen[:, s:e].any(dim=(0, 1)).nonzero()[:, 0]  # union of the tile's chunks [U]
-            nu = u.numel()
-            # full chunks: query of (head, query, chunk) rotated at P - rank*w = (n - rank)*w + t - ps
-            ch = chosen[:, s:e, u].view(Hkv, G, tq, nu).permute(0, 3, 1, 2)  # [Hkv, U, G, tq]
-            rel = (n[s:e] - rank[:, s:e, u].view(Hkv, G, tq, nu).permute(0, 3, 1, 2)) * w + (t - ps)[s:e]
-            qt = qs[:, s:e].reshape(Hkv, 1, G, tq, D)
-            a = self._rot(qt, rel.clamp(0, self.A + self.w - 1))  # [Hkv, U, G, tq, D]
-            if int(u[-1]) == nu - 1:  # chunks 0..nu-1: a view, no copy
-                ku, vu = kl[:, : nu * w].view(Hkv, nu, w, D), vv[:, : nu * w].view(Hkv, nu, w, D)
-            else:
-                ku = kl[:, : gmax * w].view(Hkv, gmax, w, D)[:, u]
-                vu = vv[:, : gmax * w].view(Hkv, gmax, w, D)[:, u]
-            lg = torch.bmm(a.reshape(Hkv * nu, G * tq, D), ku.float().reshape(Hkv * nu, w, D).transpose(1, 2))
-            lg = lg.view(Hkv, nu, G, tq, w).masked_fill_(~ch[..., None], -INF)
-            # partial chunk: keys [ps, pe) at offsets, query at t - ps: true distances
+            # the partial chunk: keys [ps, pe) at their offsets, the query at t - ps: true distances
             a0, b0 = int(ps[s]), int(pe[e - 1])
-            ql = self._rot(qt[:, 0], (t - ps)[s:e].clamp(min=0)).view(Hkv, G * tq, D)
-            kp, vp = kl[:, a0:b0].float(), vv[:, a0:b0].float()  # [Hkv, S, D]
-            lp = torch.matmul(ql, kp.transpose(1, 2)).view(Hkv, G, tq, b0 - a0)
-            j = torch.arange(a0, b0, device=dev)
-            lp.masked_fill_(~((j >= ps[s:e, None]) & (j < pe[s:e, None])), -INF)
-            m = lg.amax(dim=(1, 4))  # [Hkv, G, tq]: finite, chunk 0 is always chosen
+            m = qs.new_full((H * tq,), -1e30)  # running max (finite: a row may see no partial key)
+            den, acc = qs.new_zeros(H * tq), qs.new_zeros(H * tq, D)
             if b0 > a0:
-                m = torch.maximum(m, lp.amax(dim=-1))
-            lg.sub_(m[:, None, ..., None]).exp_()
-            lp.sub_(m[..., None]).exp_()
-            den = lg.sum(dim=(1, 4)) + lp.sum(dim=-1)  # [Hkv, G, tq]
-            o = torch.bmm(lg.view(Hkv * nu, G * tq, w), vu.float().reshape(Hkv * nu, w, D)).view(Hkv, nu, G * tq, D)
-            o = o.sum(dim=1) + torch.matmul(lp.view(Hkv, G * tq, b0 - a0), vp)
-            out[:, s:e] = (o.view(Hkv, G, tq, D) / den[..., None]).reshape(H, tq, D).to(out.dtype)
+                ql = self._rot(qs[:, s:e], (t - ps)[s:e].clamp(min=0)).view(Hkv, G * tq, D)
+                lp = torch.matmul(ql, kl[:, a0:b0].float().transpose(1, 2)).view(H, tq, b0 - a0)
+                j = torch.arange(a0, b0, device=dev)
+                lp.masked_fill_(~((j >= ps[s:e, None]) & (j < pe[s:e, None])), -INF)
+                m = torch.maximum(m, lp.amax(dim=-1).view(-1))
+                lp = lp.sub_(m.view(H, tq, 1)).exp_()
+                den = lp.sum(dim=-1).view(-1)
+                acc = torch.matmul(lp.view(Hkv, G * tq, b0 - a0), vv[:, a0:b0].float()).view(H * tq, D)
+            # complete chunks: rows (head, query, rank) grouped by (KV head, chunk)
+            a = self._rot(qs[:, s:e, None], rel[s:e]).view(-1, D)  # [H * tq * K1, D]
+            kt = key[:, s:e].reshape(-1)
+            order = torch.argsort(kt, stable=True)
+            counts = torch.bincount(kt, minlength=Hkv * gmax + 1)[:-1].tolist()
+            off = 0
+            for kc, cnt in enumerate(counts):
+                if not cnt:
+                    continue
+                rows = order[off : off + cnt]
+                off += cnt
+                ht = rows // K1  # head * tq + query: unique within a chunk
+                kv, c = divmod(kc, gmax)
+                lg = torch.matmul(a[rows], kl[kv, c * w : (c + 1) * w].float().T)  # [cnt, w]
+                m_old = m[ht]
+                m_new = torch.maximum(m_old, lg.amax(dim=-1))
+                alpha = m_old.sub_(m_new).exp_()
+                lg = lg.sub_(m_new[:, None]).exp_()
+                den[ht] = den[ht] * alpha + lg.sum(dim=-1)
+                acc[ht] = acc[ht] * alpha[:, None] + torch.matmul(lg, vv[kv, c * w : (c + 1) * w].float())
+                m[ht] = m_new
+            out[:, s:e] = (acc / den[:, None]).view(H, tq, D).to(out.dtype)
