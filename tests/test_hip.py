@@ -9,6 +9,7 @@ import torch
 
 from infllm_eval.errors import UserError
 from infllm_eval.methods import METHODS
+from infllm_eval.methods.hip_mask import estimate
 from tests.hip_reference import DenseHiP
 from tests.method_helpers import conf_params, prompt, run_steps, tiny
 
@@ -111,3 +112,31 @@ def test_accounting():
     assert mm["device_tokens"] == 32768 and mm["host_tokens"] == 0
     assert 0 < mm["workspace_keys"] <= 32768
     assert method.describe()["name"] == "hip"
+
+
+def test_dense_queries_threshold():
+    method, _ = hip(dense_queries_exp=60)
+    assert [method.dense_queries(L, T) for L, T in ((33, 33), (33, 66), (32, 66), (40, 200))] == [33, 27, 0, 0]
+    method, _ = hip(mask_k=512, dense_queries_exp=None)  # the original's int((log2(T/k/2) k + k) 3): 9216 at 32K
+    assert method.dense_queries(8192, 32768) == 0 and method.dense_queries(8192, 10240) == 6638 - 2048
+    assert method.dense_queries(4096, 4096) == 4096
+
+
+@pytest.mark.parametrize("over", [dict(), dict(enable_sparq=True, sparq_hid=32, sparq_start_bk=1, sparq_start_tsrc=1),
+                                  dict(ksrc_stride=3, pixel_slot_quirk=False)], ids=["plain", "sparq-32", "grids"])
+def test_selection_matches_reference_head_dim_64(over):
+    """The block selection alone on random data with head_dim 64 (the tiny models have 16, so SparQ's 32 dims with
+    half of them in the first iteration only show here), several query blocks, 2 KV heads x 2 query heads."""
+    params = {**conf_params("hip"), **SMALL, "mask_k": 32, **over}
+    method = METHODS.get("hip")(**params)
+    method.validate()
+    g = torch.Generator().manual_seed(1)
+    L, T = 24 if over.get("ksrc_stride") else 40, 300
+    q, keys = torch.randn(4, L, 64, generator=g), torch.randn(2, T, 64, generator=g)
+    cfg, _ = method.mask_config(L, T)
+    starts, count = estimate(q, keys, cfg)
+    ref = DenseHiP(**params)
+    for h in range(4):
+        for b in range(starts.shape[1]):
+            want = ref.select(q[h].double(), keys[h // 2].double(), b, cfg.bq, cfg.bk, T, L)
+            assert starts[h, b, : int(count[h, b])].tolist() == want

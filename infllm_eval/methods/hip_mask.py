@@ -213,7 +213,7 @@ def _max_scores(qs: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor) -> to
     lo = torch.where(ok_q, limit, limit.max() + T).amin(1)  # [nb]
     hi = limit.amax(1)
     width = max(1, int((hi - lo).max()))
-    cols = (lo[:, None] + 1 + torch.arange(width, device=qs.device)).clamp(max=T - 1)  # [nb, width]
+    cols = (lo[:, None] + 1 + torch.arange(width, device=qs.device)).clamp(0, T - 1)  # [nb, width]
     edge = dots.gather(3, cols[None, :, None].expand(H, nb, nqs, width))
     edge.masked_fill_(cols[:, None] > limit[:, :, None], -math.inf)
     out.scatter_(2, cols[None].expand(H, nb, width), edge.amax(dim=2))
