@@ -41,7 +41,8 @@ Harness decisions ([inferred], recorded in describe()):
 
 Implementation: K/V and C1 / C2 are kept incrementally (`_Layer`); a call's queries are tiled (`q_tile`), and per
 tile stage 1 is [H_kv, G, tile, kernels] matmuls, top-k a stable sort over blocks, and stage 2 one masked softmax over
-the union of the tile's chosen blocks (gathered). Queries before the sparse regime go through the dense kernel.
+the union of the tile's chosen blocks (gathered; explicit fp32 path, no fused kernel takes a per-query block mask, so
+`fattn` concerns the dense queries only). Queries before the sparse regime go through the dense kernel.
 """
 
 from __future__ import annotations
