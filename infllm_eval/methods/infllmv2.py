@@ -41,8 +41,8 @@ Harness decisions ([inferred], recorded in describe()):
 
 Implementation: K/V and C1 / C2 are kept incrementally (`_Layer`); a call's queries are tiled (`q_tile`), and per
 tile stage 1 is [H_kv, G, tile, kernels] matmuls, top-k a stable sort over blocks, and stage 2 one masked softmax over
-the union of the tile's chosen blocks (gathered; explicit fp32 path, no fused kernel takes a per-query block mask, so
-`fattn` concerns the dense queries only). Queries before the sparse regime go through the dense kernel.
+the union of the tile's chosen blocks (gathered; torch's SDPA with a boolean block mask, or with `fattn: false` the
+explicit fp32 path). Queries before the sparse regime go through the dense kernel.
 """
 
 from __future__ import annotations
@@ -221,13 +221,20 @@ class InfLLMv2(ContextMethod):
         heads = torch.arange(H_kv, device=t.device)[:, None]
         ku = st.k[:, : nB * B].view(H_kv, nB, B, D)[heads, idx].view(H_kv, U * B, D)
         vu = st.v[:, : nB * B].view(H_kv, nB, B, D)[heads, idx].view(H_kv, U * B, D)
-        lg = torch.bmm(q.reshape(H_kv, G * tq, D).float() * self.scale, ku.float().transpose(1, 2))
-        lg = lg.view(H_kv, G, tq, U, B)
-        lg.masked_fill_(~sel.gather(-1, idx[:, None].expand(H_kv, tq, U))[:, None, :, :, None], -INF)
+        ok = sel.gather(-1, idx[:, None].expand(H_kv, tq, U))  # [H_kv, tq, U]: the query chose the block
         q0 = int(t[0]) // B  # blocks q0 .. nB - 1 hold the tile's queries: the last nq of every union
         nq = nB - q0
-        future = q0 * B + torch.arange(nq * B, device=t.device) > t[:, None]  # [tq, nq * B]
-        lg[..., U - nq :, :].masked_fill_(future.view(tq, nq, B), -INF)
+        future = (q0 * B + torch.arange(nq * B, device=t.device) > t[:, None]).view(tq, nq, B)
+        qf = q.reshape(H_kv, G * tq, D)
+        if self.fattn:  # torch's fused kernel with a boolean mask
+            mask = ok[..., None].expand(H_kv, tq, U, B).clone()
+            mask[:, :, U - nq :].logical_and_(~future)
+            mask = mask[:, None].expand(H_kv, G, tq, U, B).reshape(1, H_kv, G * tq, U * B)
+            o = F.scaled_dot_product_attention(qf[None], ku[None], vu[None], attn_mask=mask, scale=self.scale)[0]
+            return o.reshape(H, tq, D)
+        lg = torch.bmm(qf.float() * self.scale, ku.float().transpose(1, 2)).view(H_kv, G, tq, U, B)
+        lg.masked_fill_(~ok[:, None, :, :, None], -INF)
+        lg[..., U - nq :, :].masked_fill_(future, -INF)
         lg = lg.view(H_kv, G * tq, U * B)
         torch.ops.aten._softmax.out(lg, -1, False, out=lg)
         return torch.bmm(lg, vu.float()).view(H, tq, D)
