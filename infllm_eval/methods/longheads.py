@@ -31,10 +31,10 @@ Departures / decisions:
   complete, from the un-rotated queries of the still-partial chunk kept across calls.
 
 Computation: keys are stored rotated at their in-chunk offsets (k̃). RoPE is relative, so
-rot(q, P)·rot(k, r*w + o) = rot(q, P - r*w)·k̃: per query tile, the union U of the chunks any head/query selected is
-gathered once, the queries are rotated per (head, query, chunk) by P - rank*w, logits are one batched matmul per
-(KV head, chunk), and non-selected (head, query, chunk) entries are masked before one joint softmax with the
-partial-chunk stage. Work per tile is at most that of full attention over the same chunks.
+rot(q, P)·rot(k, r*w + o) = rot(q, P - r*w)·k̃: each query is rotated once per rank (Kc - 1 copies). Per query tile
+one online softmax starts with the partial chunk (true distances) and takes one step per (KV head, chunk) over the
+(head, query, rank) rows that chose that chunk: a [rows, w] matmul against its k̃, kept in cache. Work is that of the
+chosen chunks only; with q_tile 256 it ran a little faster than full attention at 16K on SmolLM2's shapes.
 """
 
 from __future__ import annotations
@@ -99,10 +99,14 @@ class LongHeads(ContextMethod):
 
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
         """Every token's K/V stays (selection differs per query); on top, per chunk one representation per query
-        head (counted as 4 tokens: G/2 tokens' K/V for group size G <= 8) and the partial chunk's queries. A query
-        tile is scored against the union of the chunks its heads selected: at worst every chunk."""
-        w = self.params["window_size"]
-        return {"device_tokens": length + 4 * (-(-length // w)) + w, "host_tokens": 0, "workspace_keys": length}
+        head (counted as 4 tokens: G/2 tokens' K/V for group size G <= 8) and the partial chunk's queries. Per query
+        tile: the partial chunk's logits (q_tile + w keys), the rank-rotated queries ((Kc - 1) x head_dim <=
+        atten_length floats per query and head, for head_dim <= w) and one chunk's logits; below B, full
+        attention's workspace over B keys."""
+        p = self.params
+        w, a, b, tile = p["window_size"], p["atten_length"], p["begin_selective_length"], p["q_tile"]
+        return {"device_tokens": length + 4 * (-(-length // w)) + w, "host_tokens": 0,
+                "workspace_keys": min(length, max(b, tile + 2 * w + a))}
 
     def new_state(self, layer_idx: int) -> dict:
         return {"kv": None, "q_pend": None, "reps": None, "n_reps": 0}
