@@ -49,6 +49,20 @@ def test_longheads_odd_boundaries_match_dense_reference(arch, quirk):
     _compare(arch, dict(ODD, prefill_self_exclusion=quirk), 7, n=150, seed=2)
 
 
+@pytest.mark.parametrize("chunk", [33, 5])
+def test_the_query_at_begin_selective_length_is_selective(chunk):
+    """A prompt of B + 1 tokens: its last query (t = B) is the first selective one (25 keys at contiguous
+    positions, not the 33 at true positions), and the first decoded logits come straight from it. A threshold
+    one too high (t = B dense) fails the first row."""
+    m = tiny("tiny-mistral")
+    ids = prompt(m, SMALL["begin_selective_length"] + 1, seed=4)
+    logits = run_steps(m, LongHeads(**SMALL), ids, chunk, new_tokens=2)[0]
+    ref = run_steps(m, DenseLongHeads(**SMALL), ids, chunk, new_tokens=2)[0]
+    full = run_steps(m, FullAttention(**FULL), ids, chunk, new_tokens=2)[0]
+    assert (logits - ref).abs().max() <= 1e-4
+    assert (logits[0] - full[0]).abs().max() > 1e-2  # dense at t = B would give full's first row
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_budget_covering_input_equals_full(arch):
     """atten_length beyond the input: every chunk is selected and the contiguous positions are the true ones, so
