@@ -89,6 +89,16 @@ class ContextMethod:
     def new_state(self, layer_idx: int) -> Any:
         raise NotImplementedError
 
+    def append_rotated(self, state: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The true-position cache of methods that keep every token (state["kv"], a KVBuffer, None at first):
+        rotates q and k at p0, p0 + 1, ..., appends k/v -> (rotated q, all keys, all values), keys at 0..T-1."""
+        q, k = self.rope.rotate_range(q, p0), self.rope.rotate_range(k, p0)
+        if state["kv"] is None:
+            state["kv"] = KVBuffer(k, capacity=max(1024, k.shape[2]))
+        state["kv"].append(k, v)
+        return (q, *state["kv"].view())
+
     def attend(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H, L, D], k/v [B, H_kv, L, D] un-rotated; pos [L] absolute positions -> output [B, H, L, D],

@@ -12,7 +12,7 @@ repeat (its bug §2.12.5); this module always does both (the reference's configs
 from __future__ import annotations
 
 from infllm_eval.methods import METHODS
-from infllm_eval.methods.base import ContextMethod, KVBuffer
+from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 
 
@@ -25,14 +25,7 @@ class FullAttention(ContextMethod):
         return {"kv": None}
 
     def attend(self, state, q, k, v, pos, out=None):
-        p0 = int(pos[0])  # positions are contiguous
-        q = self.rope.rotate_range(q, p0)
-        k = self.rope.rotate_range(k, p0)
-        if state["kv"] is None:
-            state["kv"] = KVBuffer(k, capacity=max(1024, k.shape[2]))
-        buf: KVBuffer = state["kv"]
-        buf.append(k, v)
-        keys, values = buf.view()
+        q, keys, values = self.append_rotated(state, q, k, v, int(pos[0]))  # positions are contiguous
         stage = Stage(q, keys, values, k_start=0, band=(0, INF))  # keys sit at positions 0..len-1
         out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
                                        fused=self.fattn, out=out)

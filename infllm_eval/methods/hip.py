@@ -57,7 +57,7 @@ import torch
 
 from infllm_eval.errors import UserError
 from infllm_eval.methods import METHODS
-from infllm_eval.methods.base import ContextMethod, KVBuffer
+from infllm_eval.methods.base import ContextMethod
 from infllm_eval.methods.hip_mask import MaskConfig, cdiv, estimate, next_pow2
 from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 
@@ -144,13 +144,7 @@ class HiPAttention(ContextMethod):
 
     def attend(self, state, q, k, v, pos, out=None):
         p0, L = int(pos[0]), q.shape[2]
-        q = self.rope.rotate_range(q, p0)
-        k = self.rope.rotate_range(k, p0)
-        if state["kv"] is None:
-            state["kv"] = KVBuffer(k, capacity=max(1024, k.shape[2]))
-        buf: KVBuffer = state["kv"]
-        buf.append(k, v)
-        keys, values = buf.view()  # [1, H_kv, T, D], positions 0..T-1
+        q, keys, values = self.append_rotated(state, q, k, v, p0)  # [1, H_kv, T, D], positions 0..T-1
         T = keys.shape[2]
         out = q.new_empty(q.shape) if out is None else out
         nd = self.dense_queries(L, T)
@@ -171,26 +165,34 @@ class HiPAttention(ContextMethod):
         """q [H, L, D] (the sparse queries, last L of T), keys/values [H_kv, T, D] -> [H, L, D]: per (head, block)
         one softmax over the sink, the window and the selected blocks, causal. Work layout [H_kv, blocks, G, bq,
         keys]: sink and window keys are shared by a KV head's query heads (the window as a strided view of the
-        padded cache, no gather); selected blocks are gathered per query head. Tiled over query blocks."""
+        padded cache, no gather); selected blocks are gathered per query head, bk keys per index. The softmax is
+        taken over the three parts without concatenating them (one max, one sum). Tiled over query blocks.
+
+        A selected key lies outside the block's window [end_b - sliding_window_size, end_b) and sliding_window_size
+        >= block_size_q, so it is either before every query of the block or after all of them: its causal mask is
+        one bit per (head, block, key), not per query."""
         H, L, D = q.shape
         Hkv, T, _ = keys.shape
         G, bq, bk, sw = H // Hkv, cfg.bq, cfg.bk, cfg.sliding_window_size
         nb, dev = starts.shape[1], q.device
         S = min(num_sink * bk, T)
-        kk = int(count.max()) * bk if count.numel() else 0
-        # selected keys [H, nb, kk]; those in the sink, past T or inside the block's window come from there
-        sel = (starts[..., : kk // bk, None] + torch.arange(bk, device=dev)).reshape(H, nb, kk)
+        nsel = int(count.max()) if count.numel() else 0
+        kk = nsel * bk
         end = T - L + (torch.arange(nb, device=dev) + 1) * bq  # [nb] one past the block's last query slot
+        # selected keys [H, nb, kk]; those in the sink, past T, inside or after the block's window are dropped
+        sel = (starts[..., :nsel, None] + torch.arange(bk, device=dev)).reshape(H, nb, kk)
         sel_ok = (torch.arange(kk, device=dev) // bk)[None, None] < count[..., None]
-        sel_ok &= (sel >= S) & (sel < T) & ~((sel >= (end - sw)[None, :, None]) & (sel < end[None, :, None]))
-        pad = lambda x: torch.cat([x.new_zeros(Hkv, sw, D), x, x.new_zeros(Hkv, bq, D)], 1)  # window of any block
-        kp, vp = pad(keys), pad(values)  # key j at row j + sw
+        sel_ok &= (sel >= S) & (sel < T) & (sel < (end - sw)[None, :, None])
+        Tp = cdiv(T, bk) * bk  # starts are multiples of bk: gather whole blocks of bk keys
+        pad = lambda x: torch.cat([x.new_zeros(Hkv, sw, D), x, x.new_zeros(Hkv, bq + Tp - T, D)], 1)
+        kp, vp = pad(keys), pad(values)  # key j at row j + sw (the window of any block is a strided view)
+        kblk = kp[:, sw : sw + Tp].reshape(Hkv * (Tp // bk), bk * D)
+        vblk = vp[:, sw : sw + Tp].reshape(Hkv * (Tp // bk), bk * D)
         qp = q.new_zeros(H, nb * bq, D)
         qp[:, :L] = q
         qp = qp.view(Hkv, G, nb, bq, D).transpose(1, 2)  # [Hkv, nb, G, bq, D]
         q_pos = T - L + torch.arange(nb * bq, device=dev).view(nb, bq)
         res = q.new_empty(Hkv, nb, G, bq, D)
-        kflat, vflat = keys.reshape(Hkv * T, D), values.reshape(Hkv * T, D)
         step = max(1, tile_floats // (H * bq * (S + sw + kk + D)))
         for b0 in range(0, nb, step):
             b1 = min(nb, b0 + step)
@@ -199,25 +201,27 @@ class HiPAttention(ContextMethod):
             pos = q_pos[b0:b1]  # [n, bq]
             win = lambda x: x.as_strided((Hkv, n, sw, D), (x.stride(0), bq * D, D, 1), (end[b0] - sw + sw) * D)
             kw, vw = win(kp), win(vp)  # [Hkv, n, sw, D]: keys end_b - sw .. end_b - 1
-            st = sel[:, b0:b1].reshape(Hkv, G, n, kk).transpose(1, 2)  # [Hkv, n, G, kk]
-            gi = (torch.arange(Hkv, device=dev)[:, None, None, None] * T + st.clamp(0, T - 1)).reshape(-1)
-            ks_, vs_ = kflat[gi].view(Hkv, n, G, kk, D), vflat[gi].view(Hkv, n, G, kk, D)
-            lg = torch.cat([
-                torch.matmul(qt.view(Hkv, n * G * bq, D), keys[:, :S].transpose(1, 2)).view(Hkv, n, G, bq, S),
-                torch.matmul(qt.view(Hkv, n, G * bq, D), kw.transpose(2, 3)).view(Hkv, n, G, bq, sw),
-                torch.matmul(qt, ks_.transpose(3, 4))], dim=-1)  # [Hkv, n, G, bq, S + sw + kk]
+            blk = starts[:, b0:b1, :nsel].reshape(Hkv, G, n, nsel).transpose(1, 2)  # [Hkv, n, G, nsel]
+            gi = (torch.arange(Hkv, device=dev)[:, None, None, None] * (Tp // bk)
+                  + torch.div(blk, bk, rounding_mode="floor").clamp(0, Tp // bk - 1)).reshape(-1)
+            ks_ = torch.index_select(kblk, 0, gi).view(Hkv, n, G, kk, D)
+            vs_ = torch.index_select(vblk, 0, gi).view(Hkv, n, G, kk, D)
+            l_sink = torch.matmul(qt.view(Hkv, n * G * bq, D), keys[:, :S].transpose(1, 2)).view(Hkv, n, G, bq, S)
+            l_win = torch.matmul(qt.view(Hkv, n, G * bq, D), kw.transpose(2, 3)).view(Hkv, n, G, bq, sw)
+            l_sel = torch.matmul(qt, ks_.transpose(3, 4))  # [Hkv, n, G, bq, kk]
             j_w = (end[b0:b1] - sw)[:, None] + torch.arange(sw, device=dev)  # [n, sw]
-            ok = torch.cat([
-                (torch.arange(S, device=dev) <= pos[:, :, None])[:, None].expand(Hkv, n, G, bq, S),
-                (((j_w >= S) & (j_w < T))[:, None] & (j_w[:, None] <= pos[:, :, None]))[:, None].expand(
-                    Hkv, n, G, bq, sw),
-                (sel_ok[:, b0:b1].reshape(Hkv, G, n, kk).transpose(1, 2)[:, :, :, None]
-                 & (st[:, :, :, None] <= pos[None, :, None, :, None]))], dim=-1)
-            p = torch.softmax(lg.masked_fill_(~ok, -math.inf), dim=-1)
-            o = torch.matmul(p[..., :S].reshape(Hkv, n * G * bq, S), values[:, :S]).view(Hkv, n, G, bq, D)
-            o += torch.matmul(p[..., S : S + sw].reshape(Hkv, n, G * bq, sw), vw).view(Hkv, n, G, bq, D)
-            o += torch.matmul(p[..., S + sw :], vs_)
-            res[:, b0:b1] = o
+            l_sink.masked_fill_(~(torch.arange(S, device=dev) <= pos[:, :, None])[:, None], -math.inf)
+            l_win.masked_fill_(~(((j_w >= S) & (j_w < T))[:, None] & (j_w[:, None] <= pos[:, :, None]))[:, None],
+                               -math.inf)
+            l_sel.masked_fill_(~sel_ok[:, b0:b1].reshape(Hkv, G, n, kk).transpose(1, 2)[:, :, :, None], -math.inf)
+            m = torch.maximum(torch.maximum(l_sink.amax(-1, keepdim=True), l_win.amax(-1, keepdim=True)),
+                              l_sel.amax(-1, keepdim=True) if kk else torch.full_like(l_sink[..., :1], -math.inf))
+            e_sink, e_win, e_sel = (torch.exp_(x.sub_(m)) for x in (l_sink, l_win, l_sel))
+            total = e_sink.sum(-1, keepdim=True) + e_win.sum(-1, keepdim=True) + e_sel.sum(-1, keepdim=True)
+            o = torch.matmul(e_sink.view(Hkv, n * G * bq, S), values[:, :S]).view(Hkv, n, G, bq, D)
+            o += torch.matmul(e_win.view(Hkv, n, G * bq, sw), vw).view(Hkv, n, G, bq, D)
+            o += torch.matmul(e_sel, vs_)
+            res[:, b0:b1] = o.div_(total)
         return res.transpose(1, 2).reshape(H, nb * bq, D)[:, :L]
 
     # -- accounting ------------------------------------------------------------------------------------------
