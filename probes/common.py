@@ -35,3 +35,28 @@ def passkey_sample(argv: list[str], probe: str, method_cls=InfLLM, method_name: 
         return cfg, lm, sample, eng, None
     unit_of = [(t - method.n_init) // method.block_size for t in range(at, at + n) if t >= method.n_init]
     return cfg, lm, sample, eng, unit_of
+
+
+def generate_observing(cfg, lm, sample, eng, name: str, observe, new_tokens: int = 4):
+    """Generates `new_tokens` for the sample while `eng.method.<name>` is wrapped: after each call,
+    `observe(layer, result, *args)` (layer = the attention layer of the forward pass in progress, counted through
+    the method's `attend`). Both are put back afterwards, also after an error."""
+    m, n_layers, calls = eng.method, eng.spec.n_layers, [0]
+    inner, attend = getattr(m, name), m.attend
+
+    def counting_attend(state, *a, **k):
+        calls[0] += 1
+        return attend(state, *a, **k)
+
+    def observed(*a):
+        result = inner(*a)
+        observe((calls[0] - 1) % n_layers, result, *a)
+        return result
+
+    setattr(m, name, observed)
+    m.attend = counting_attend
+    try:
+        return eng.generate(sample.input_ids, new_tokens, int(cfg.chunk_size), list(lm.stop_token_ids))
+    finally:
+        setattr(m, name, inner)
+        m.attend = attend

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from infllm_eval.methods.infllmv2 import InfLLMv2
-from probes.common import passkey_sample
+from probes.common import generate_observing, passkey_sample
 
 
 def infllmv2_blocks(argv: list[str]):
@@ -23,26 +23,14 @@ def infllmv2_blocks(argv: list[str]):
     m: InfLLMv2 = eng.method
     at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
     needle = sorted({t // m.B for t in range(at, at + n)})
-    n_layers, calls, log = eng.spec.n_layers, [0], []
-    select, attend = m._select, m.attend
+    log = []
 
-    def counting_attend(state, q, *a, **k):
-        calls[0] += 1
-        return attend(state, q, *a, **k)
+    def observe(layer, sel, st, q, t, lag):  # sel [H_kv, tq, nB]
+        if q.shape[1] == 1:  # a decoding-style lookup (one query)
+            log.append((layer, int(sum(bool(sel[g, 0, needle].any()) for g in range(sel.shape[0]))), sel.shape[0]))
 
-    def observing_select(st, q, t, lag):
-        sel = select(st, q, t, lag)  # [H_kv, tq, nB]
-        if q.shape[1] == 1:
-            groups = int(sum(bool(sel[g, 0, needle].any()) for g in range(sel.shape[0])))
-            log.append(((calls[0] - 1) % n_layers, groups, sel.shape[0]))
-        return sel
-
-    m._select, m.attend = observing_select, counting_attend
-    try:
-        g = eng.generate(sample.input_ids, 4, int(cfg.chunk_size), list(lm.stop_token_ids))
-    finally:
-        m._select, m.attend = select, attend
-    return {"at": at, "n": n, "blocks": needle, "key": sample.meta["key"], "n_layers": n_layers,
+    g = generate_observing(cfg, lm, sample, eng, "_select", observe)
+    return {"at": at, "n": n, "blocks": needle, "key": sample.meta["key"], "n_layers": eng.spec.n_layers,
             "prediction": lm.tokenizer.decode(g.tokens)}, log
 
 

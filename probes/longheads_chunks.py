@@ -18,7 +18,7 @@ import sys
 import torch
 
 from infllm_eval.methods.longheads import LongHeads
-from probes.common import passkey_sample
+from probes.common import generate_observing, passkey_sample
 
 
 def longheads_chunks(argv: list[str]):
@@ -26,15 +26,9 @@ def longheads_chunks(argv: list[str]):
     m: LongHeads = eng.method
     at, n = sample.meta["needle_token_index"], sample.meta["needle_n_tokens"]
     needle = sorted({t // m.w for t in range(at, at + n)})
-    n_layers, calls, log = eng.spec.n_layers, [0], []
-    select, attend = m._select, m.attend
+    log = []
 
-    def counting_attend(state, q, *a, **k):
-        calls[0] += 1
-        return attend(state, q, *a, **k)
-
-    def observing_select(st, q, g):
-        ids = select(st, q, g)
+    def observe(layer, ids, st, q, g):
         if q.shape[1] == 1:  # a decoding-style lookup (one query)
             gl = int(g[-1])
             sc = torch.einsum("hd,hcd->hc", q[:, 0].float(), st["reps"][:, :gl])  # [H, g]
@@ -43,16 +37,11 @@ def longheads_chunks(argv: list[str]):
             ranks = [min(int((order[h] == c).nonzero()[0]) for c in needle if 0 < c < gl - 1)
                      for h in range(q.shape[0])] if any(0 < c < gl - 1 for c in needle) else []
             heads = int(sum(bool(set(needle) & set(ids[h, 0].tolist())) for h in range(q.shape[0])))
-            log.append(((calls[0] - 1) % n_layers, heads, min(ranks) if ranks else None, q.shape[0]))
-        return ids
+            log.append((layer, heads, min(ranks) if ranks else None, q.shape[0]))
 
-    m._select, m.attend = observing_select, counting_attend
-    try:
-        g = eng.generate(sample.input_ids, 4, int(cfg.chunk_size), list(lm.stop_token_ids))
-    finally:
-        m._select, m.attend = select, attend
+    g = generate_observing(cfg, lm, sample, eng, "_select", observe)
     return {"at": at, "n": n, "chunks": needle, "key": sample.meta["key"], "top": m.n_chunks - 3,
-            "n_layers": n_layers, "prediction": lm.tokenizer.decode(g.tokens)}, log
+            "n_layers": eng.spec.n_layers, "prediction": lm.tokenizer.decode(g.tokens)}, log
 
 
 def main(argv: list[str]) -> None:
