@@ -42,9 +42,8 @@ class ScorerPress(ContextMethod):
         super().validate()
         r, k = self.params["compression_ratio"], self.params["kept_tokens"]
         if (r is None) == (k is None):
-            raise UserError(f"method.params: set exactly one of compression_ratio (a fraction of the context to "
-                            f"drop) and kept_tokens (context keys kept per KV head), the other null; got "
-                            f"compression_ratio={r!r}, kept_tokens={k!r}.")
+            raise UserError(f"method.params must set exactly one of compression_ratio and kept_tokens (the other "
+                            f"null), got compression_ratio={r!r}, kept_tokens={k!r}.")
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1):
             raise UserError(f"method.params.compression_ratio must be a number in [0, 1) (the fraction of the "
                             f"context dropped), got {r!r}.")

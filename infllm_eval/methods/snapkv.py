@@ -62,7 +62,7 @@ class SnapKV(ScorerPress):
         """Keep the last W rotated queries [H, <= W, D]."""
         w = self.params["window_size"]
         last = q[0, :, -w:] if state["obs"] is None else torch.cat([state["obs"], q[0, :, -w:]], dim=1)[:, -w:]
-        state["obs"] = last.clone()
+        state["obs"] = last.clone(memory_format=torch.contiguous_format)
 
     def score(self, state, n):
         w, ks = self.params["window_size"], self.params["kernel_size"]
@@ -70,7 +70,7 @@ class SnapKV(ScorerPress):
         qw = state["obs"].float()  # [H, W, D] rotated, positions n - W .. n - 1
         Hkv, H, D = keys.shape[0], qw.shape[0], qw.shape[2]
         G = H // Hkv
-        lg = torch.matmul(qw.view(Hkv, G * w, D), keys.transpose(1, 2)).view(Hkv, G, w, n) * self.scale
+        lg = torch.matmul(qw.reshape(Hkv, G * w, D), keys.transpose(1, 2)).view(Hkv, G, w, n) * self.scale
         future = torch.arange(n, device=lg.device)[None, :] > torch.arange(n - w, n, device=lg.device)[:, None]
         probs = lg.masked_fill_(future, -float("inf")).softmax(dim=-1)[..., : n - w]  # [H_kv, G, W, n - W]
         s = F.avg_pool1d(probs.mean(dim=2), kernel_size=ks, padding=ks // 2, stride=1)  # [H_kv, G, n - W]
