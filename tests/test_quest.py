@@ -49,7 +49,9 @@ def test_quest_matches_dense_reference(arch, chunk):
 
 @pytest.mark.parametrize("arch,switch,chunk", [
     ("tiny-mistral", dict(dense_layers=0), 7),  # every layer selective
-    ("tiny-qwen2", dict(chunk_size=5, token_budget=20), 1),  # pages of 5, one token per prefill call
+    ("tiny-qwen2", dict(chunk_size=5, token_budget=20, dense_layers=0), 1),  # pages of 5, one-token prefill calls
+    # (layer 0 selective: a one-token prefill call that selected would change layer 1's keys; the last layer's
+    # context outputs reach no logit)
     ("tiny-llama", dict(token_budget=8), 24),  # budget // page = 1: the floor of 3 pages
     ("tiny-mistral", dict(dense_layers=2, layer_id_from_32=True), 13),  # ids 30, 31: no dense layer
     ("tiny-qwen2", dict(token_budget=512, clamp_budget_to_length=True), 24),  # keys < budget: one page short
@@ -74,9 +76,10 @@ def test_budget_covering_input_equals_full(arch, budget):
 def test_outputs_depend_on_neither_chunk_size_nor_q_tile_nor_fattn():
     m = tiny("tiny-llama")
     ids = prompt(m, 200, seed=3)
-    methods = [Quest(**dict(SMALL, q_tile=qt, fattn=fa)) for qt, fa in ((64, True), (3, False), (16, True))]
-    runs = [run_steps(m, method, ids, c)[0] for method, c in zip(methods, (1, 24, 199))]
-    assert all((r - runs[0]).abs().max() <= 1e-5 for r in runs)
+    methods = [Quest(**dict(SMALL, dense_layers=dl, q_tile=qt, fattn=fa))
+               for dl, qt, fa in ((1, 64, True), (1, 3, False), (1, 16, True), (0, 64, True), (0, 8, False))]
+    runs = [run_steps(m, method, ids, c)[0] for method, c in zip(methods, (1, 24, 199, 1, 77))]
+    assert all((r - runs[0]).abs().max() <= 1e-5 for r in runs[:3]) and (runs[4] - runs[3]).abs().max() <= 1e-5
     # bench's attention work: causal in the context; after it, layer 0 dense and layer 1 on 4 pages of 8
     assert methods[0].attended_keys(150) == 151 and methods[0].attended_keys(205) == (206 + 32) // 2
 
