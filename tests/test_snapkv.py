@@ -141,3 +141,25 @@ def test_invalid_parameters_rejected(bad, match):
     with pytest.raises(UserError, match=match) as e:
         SnapKV(**dict(SMALL, **bad)).validate()
     assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")  # one sentence
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 500])
+def test_end_context_comes_once_between_the_context_and_the_last_prompt_token(chunk):
+    """The engine's contract (base.py): every context position goes through attend, then end_context once, then
+    one-token calls from the last prompt token on."""
+    m = tiny("tiny-llama")
+    log = []
+
+    class Spy(SnapKV):
+        def attend(self, state, q, k, v, pos, out=None):
+            if state["layer"] == 0:
+                log.append((int(pos[0]), q.shape[2]))
+            return super().attend(state, q, k, v, pos, out)
+
+        def end_context(self, states):
+            log.append("end")
+            super().end_context(states)
+
+    run_steps(m, Spy(**SMALL), prompt(m, 40), chunk, 3)
+    i = log.index("end")
+    assert log.count("end") == 1 and sum(n for _, n in log[:i]) == 39 and log[i + 1 :] == [(39, 1), (40, 1), (41, 1)]

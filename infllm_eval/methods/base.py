@@ -7,7 +7,8 @@ scheme, and returns the attention output (before `o_proj`). The engine never che
 A method is one small class, registered in `infllm_eval.methods.METHODS` under the name configs give as `impl`:
 `params` from `conf/method/<name>.yaml` (every key given there or in `conf/method/_base.yaml`: code holds no
 defaults), `validate()` before any weights load, `new_state()` per layer per sample, `attend()` per layer per forward
-call, `end_context()` once per sample between the context and the last prompt token, and `memory_model()`, what it keeps at a context length, for `plan` and `bench` (no model needed).
+call, `end_context()` once per sample between the context and the last prompt token, and `memory_model()`, what it
+keeps at a context length, for `plan` and `bench` (no model needed).
 """
 
 from __future__ import annotations
