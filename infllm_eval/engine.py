@@ -1,9 +1,10 @@
 """The inference engine: our own layer loop and greedy decoding (not `model.generate`).
 
-Data flow per sample: the prompt minus its last token is prefilled in `chunk_size` chunks (no LM head), then the
-last prompt token alone (it does its own decoding-style lookup, as the reference's GreedySearch), then greedy
-decoding one token at a time until EOS / an extra stop token / `max_new_tokens`. Positions are explicit and
-absolute; the context method owns each layer's KV state and position scheme.
+Data flow per sample: the prompt minus its last token is prefilled in `chunk_size` chunks (no LM head), the method
+hears that the context is in (`end_context`), then the last prompt token alone (it does its own decoding-style
+lookup, as the reference's GreedySearch), then greedy decoding one token at a time until EOS / an extra stop token /
+`max_new_tokens`. Positions are explicit and absolute; the context method owns each layer's KV state and position
+scheme.
 
 Supported architectures: Llama, Mistral, Qwen2 (the decoder layers share one structure: input_layernorm ->
 self_attn(q/k/v/o_proj) -> residual -> post_attention_layernorm -> mlp -> residual).
@@ -192,7 +193,8 @@ class Engine:
         self, states: list, prompt: torch.Tensor, chunk_size: int, deadline: float | None = None,
         on_chunk=None,
     ) -> torch.Tensor:
-        """Feeds prompt[:-1] in chunks, then the last token alone; returns the logits after the prompt.
+        """Feeds prompt[:-1] in chunks, calls the method's `end_context`, then the last token alone; returns the
+        logits after the prompt.
         `on_chunk(start, end)`, if given, is called after each chunk (`bench` times the chunks with it)."""
         ids = prompt.view(1, -1).to(self.device)
         n = ids.shape[1]
@@ -201,6 +203,7 @@ class Engine:
             self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
             if on_chunk is not None:
                 on_chunk(st, min(st + chunk_size, n - 1))
+        self.method.end_context(states)  # the context is in: a method's end-of-prompt point (base.py)
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ scheme, and returns the attention output (before `o_proj`). The engine never che
 A method is one small class, registered in `infllm_eval.methods.METHODS` under the name configs give as `impl`:
 `params` from `conf/method/<name>.yaml` (every key given there or in `conf/method/_base.yaml`: code holds no
 defaults), `validate()` before any weights load, `new_state()` per layer per sample, `attend()` per layer per forward
-call, and `memory_model()`, what it keeps at a context length, for `plan` and `bench` (no model needed).
+call, `end_context()` once per sample between the context and the last prompt token, and `memory_model()`, what it
+keeps at a context length, for `plan` and `bench` (no model needed).
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ class ContextMethod:
         q, k and v are views of the engine's reusable buffers, valid only during this call: copy what the state
         keeps (the next layer overwrites them)."""
         raise NotImplementedError
+
+    def end_context(self, states: list) -> None:
+        """Called once per sample by `Engine.prefill` with every layer's state, after the context (prompt[:-1]) has
+        gone through `attend` and before the last prompt token's call; every later call of the sample is one token
+        (the last prompt token, then one per decoding step). A method that acts at the end of the prompt hooks
+        here, whatever the chunk size (with `chunk_size` 1 a call's shape cannot tell the context from decoding):
+        SnapKV / H2O compress the context, Quest's decode-time page selection starts. Nothing by default: it is
+        called once per sample, off every method's per-call path. Code that drives `Engine.forward` itself (the
+        probes) does not call it."""
 
     # -- accounting for `infllm-eval plan` and `infllm-eval bench` ----------------------------------------------
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
