@@ -15,7 +15,7 @@ METHODS: Registry[type[ContextMethod]] = Registry(
     "method implementation",
     modules=("infllm_eval.methods.full", "infllm_eval.methods.streamingllm", "infllm_eval.methods.lminfinite",
              "infllm_eval.methods.infllm", "infllm_eval.methods.infllmv2", "infllm_eval.methods.hip",
-             "infllm_eval.methods.longheads"),
+             "infllm_eval.methods.longheads", "infllm_eval.methods.sirllm"),
 )
 
 
