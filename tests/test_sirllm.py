@@ -40,6 +40,7 @@ CASES = [
     (16, {"entropy_shift_fix": False}),
     (7, {"entropy_shift_fix": False, "first_token": "call_max", "start_size": 0}),
     (40, {"decay_ratio": 0.8, "decay_per": "token", "start_size": 2, "recent_size": 3}),
+    (16, {"fattn": False, "q_tile": 3}),  # the explicit tiled path, tiles that split every call
 ]
 
 
@@ -135,6 +136,24 @@ def test_eviction_keeps_shared_state_bounded():
     assert lens == {method.cache_size} and all(s["sample"] is states[0]["sample"] for s in states)
     s = eng.spec
     assert method.kv_bytes(states)["device"] == 2 * s.n_layers * s.n_kv_heads * s.head_dim * 4 * method.cache_size
+
+
+def test_attention_workspace_is_bounded(monkeypatch):
+    """A query tile is scored against at most cache_size keys, however long the input."""
+    import infllm_eval.methods.sirllm as mod
+
+    seen, real = [], mod.multi_stage_attention
+
+    def spy(stages, q_pos, scale, q_tile, fused=True, out=None):
+        seen.append(sum(st.k.shape[2] for st in stages))
+        return real(stages, q_pos, scale, q_tile, fused, out)
+
+    monkeypatch.setattr(mod, "multi_stage_attention", spy)
+    model = tiny("tiny-llama")
+    for n in (150, 450):
+        seen.clear()
+        run_steps(model, sirllm(), prompt(model, n), 16, new_tokens=3)
+        assert max(seen) == sirllm().cache_size
 
 
 @pytest.mark.parametrize("key,value", [
