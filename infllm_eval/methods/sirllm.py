@@ -18,7 +18,9 @@ Harness mapping and departures ([inferred] = no source states it; methods-wave2.
   prefill chunk; a one-token call, the last prompt token and each decoded token, has no in-call value and takes
   the -log p from the step before it). `predicted` (default) gives every token but a sample's first its -log p
   from the previous position, whichever call computed it (a decoded token: the step that produced it), so the
-  entropy list is the one a single call over the whole prompt would give, whatever `chunk_size` is.
+  entropy list is the one a single call over the whole prompt would give, whatever `chunk_size` is. A sample's first
+  token has no predecessor: it gets its call's max, or 0.0 when that call holds it alone (chunk_size 1); with
+  start_size >= 1 it is kept regardless.
 - `decay_per` [inferred]: the original decays once per turn; the harness has no turns. `call` = once per forward
   call (spec proposal, after the sample's first call, even when nothing was evicted), `token` = decay_ratio ** m
   for a call of m tokens (independent of how the prompt is chunked). Moot at decay_ratio 1.0 (default).
@@ -26,6 +28,9 @@ Harness mapping and departures ([inferred] = no source states it; methods-wave2.
   take m of the token_entropy_size slots. A call of m > cache_size - start_size tokens cannot fit (the original
   asserts): `check_chunk_size` refuses such a run in one sentence, and `attend` does for a direct call. Presets
   name the chunk they were meant for (conf/per_model/smollm2_sirllm.yaml).
+- Shared bookkeeping: `new_state(0)` creates the sample's `_Sample` (entropies, this call's kept indices) and every
+  later layer's state refers to it (the engine creates a sample's states in layer order); layer 0 decides the
+  eviction in `attend`, every layer compacts its own un-rotated K/V with the same indices.
 """
 
 from __future__ import annotations
