@@ -48,7 +48,7 @@ def run(
         cfgs.append(cfg)
         from infllm_eval.methods import make_method
 
-        make_method(cfg.method)
+        make_method(cfg.method).check_chunk_size(int(cfg.chunk_size))
         if local:  # a cell that runs here needs its device here (a SLURM cell, on its node)
             check_runnable(cfg)
     if not multirun:

@@ -4,7 +4,8 @@ Data flow per sample: the prompt minus its last token is prefilled in `chunk_siz
 hears that the context is in (`end_context`), then the last prompt token alone (it does its own decoding-style
 lookup, as the reference's GreedySearch), then greedy decoding one token at a time until EOS / an extra stop token /
 `max_new_tokens`. Positions are explicit and absolute; the context method owns each layer's KV state and position
-scheme.
+scheme. A method that declares `wants_token_nll` (SirLLM) also gets every token's -log p after each call (the LM
+head over all positions, tiled).
 
 Supported architectures: Llama, Mistral, Qwen2 (the decoder layers share one structure: input_layernorm ->
 self_attn(q/k/v/o_proj) -> residual -> post_attention_layernorm -> mlp -> residual).
@@ -30,6 +31,11 @@ class Generation:
     peak_mem_bytes: int
     stopped_by: str  # "eos" | "max_new_tokens"
     extra: dict = field(default_factory=dict)
+
+
+#: bytes of one fp32 logits tile [rows, V] of `Engine._token_nll` (the methods that want token surprisals):
+#: 16 MB = 85 rows of SmolLM2's vocab of 49152
+NLL_TILE_BYTES = 16 * 2**20
 
 
 class SampleTimeout(Exception):
@@ -138,12 +144,15 @@ class Engine:
             inter = getattr(model.config, "intermediate_size", 0) or 1
             self.mlp_rows = max(256, MMAP_THRESHOLD // (inter * torch.finfo(dtype).bits // 8) // 256 * 256)
         self.ws = Workspace(device, dtype)
+        self._nll_carry: tuple[int, torch.Tensor] | None = None  # (next position, last logits [V]): `_token_nll`
         method.bind(model, self.spec)
 
     # -- one forward pass over new tokens ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, states: list, ids: torch.Tensor, start: int, logits: bool) -> torch.Tensor | None:
-        """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked.
+        """ids [1, L] at absolute positions start..start+L-1; returns last-position logits [V] if asked. For a method
+        that declares `wants_token_nll`, the LM head runs over every position and the method gets the call's token
+        surprisals after the layer loop (`_token_nll`), before the sample's next call.
 
         The chunk's activations (hidden states, normed input, q/k/v, attention output, MLP slices) live in buffers
         the engine keeps from chunk to chunk (`Workspace`), written with `out=` ops: no large temporary is
@@ -181,9 +190,39 @@ class Engine:
                 n = min(rows, L - r)
                 _gated_mlp(layer.mlp, x[r : r + n], gate[:n], up[:n], down[:n])
                 h[r : r + n].add_(down[:n])
+        if self.method.wants_token_nll:  # the one check other methods pay
+            return self._token_nll(states, h, ids, start, logits)
         if not logits:
             return None
         return self.model.lm_head(self.inner.norm(h[-1:]))[-1].float()
+
+    def _token_nll(self, states: list, h: torch.Tensor, ids: torch.Tensor, start: int, logits: bool
+                   ) -> torch.Tensor | None:
+        """For methods with `wants_token_nll`: the LM head over every position of the call, in row tiles (a
+        [tile, V] fp32 block at a time, never [L, V]), reduced to the call's token surprisals, handed to
+        `method.observe_token_nll`; returns the last position's logits if asked (no second LM head call).
+
+        nll[j] = -log softmax(z[j-1])[x[j]], with z[-1] the previous call's last logits (kept here between the
+        calls of a sample, NaN for the token at position 0); nll_own[j] = -log softmax(z[j])[x[j]]."""
+        L, x = ids.shape[1], ids[0]
+        nll = torch.empty(L, dtype=torch.float32, device=self.device)
+        nll_own = torch.empty(L, dtype=torch.float32, device=self.device)
+        carry = self._nll_carry
+        nll[0] = carry[1].logsumexp(-1) - carry[1][x[0]] if carry is not None and carry[0] == start else float("nan")
+        tile = max(1, NLL_TILE_BYTES // (4 * self.model.config.vocab_size))
+        z = None
+        for r in range(0, L, tile):
+            n = min(tile, L - r)
+            z = self.model.lm_head(self.inner.norm(h[r : r + n])).float()  # [n, V]
+            lse = z.logsumexp(-1)
+            nll_own[r : r + n] = lse - z.gather(1, x[r : r + n, None])[:, 0]
+            m = min(n, L - 1 - r)  # rows whose next token is in this call
+            if m > 0:
+                nll[r + 1 : r + 1 + m] = lse[:m] - z[:m].gather(1, x[r + 1 : r + 1 + m, None])[:, 0]
+        last = z[-1]
+        self._nll_carry = (start + L, last)
+        self.method.observe_token_nll(states, nll, nll_own)
+        return last if logits else None
 
     def new_states(self) -> list:
         return [self.method.new_state(i) for i in range(self.spec.n_layers)]

@@ -103,6 +103,7 @@ class Cell:
 def prepare_cell(cfg: DictConfig, target: RunTarget) -> Cell:
     """Every check that needs no weights, in the order a user fixes them; writes nothing."""
     method = make_method(cfg.method)  # validates parameters
+    method.check_chunk_size(int(cfg.chunk_size))
     device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)  # model config, model.path / hub cache, architecture
     model_cfg = as_plain_dict(cfg.model)

@@ -46,3 +46,14 @@ def test_values_are_validated_when_composing(overrides, needle):
 def test_edge_values_that_are_fine():
     cfg = compose(["run_name=sweeps/a/b", "bench.memory_fraction=1", "device=cuda:1", "dtype=bf16"])
     validate(cfg)  # a config for another machine: `run` checks the device, `config` and `plan` do not
+
+
+@pytest.mark.parametrize("overrides,chunk", [(["model=qwen2", "method=infllm"], 2048),
+                                             (["model=vicuna", "method=full"], 4096),
+                                             (["method=sirllm"], 512),
+                                             (["method=sirllm", "chunk_size=256"], 256),
+                                             (["method=infllm"], 8192)])
+def test_per_model_top_level_keys_take_effect_and_the_command_line_wins(overrides, chunk):
+    """A per-model file's chunk_size (the reference's qwen2 / vicuna values, sirllm's preset) once lost to the root
+    config's default, as the root's `_self_` came after it in the defaults list."""
+    assert compose(overrides).chunk_size == chunk

@@ -16,7 +16,7 @@ METHODS: Registry[type[ContextMethod]] = Registry(
     modules=("infllm_eval.methods.full", "infllm_eval.methods.streamingllm", "infllm_eval.methods.lminfinite",
              "infllm_eval.methods.infllm", "infllm_eval.methods.infllmv2", "infllm_eval.methods.hip",
              "infllm_eval.methods.longheads", "infllm_eval.methods.snapkv", "infllm_eval.methods.h2o",
-             "infllm_eval.methods.quest"),
+             "infllm_eval.methods.quest", "infllm_eval.methods.sirllm"),
 )
 
 

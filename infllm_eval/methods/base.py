@@ -76,6 +76,10 @@ class ContextMethod:
         """Raise UserError when `name` (`method.name`: the label of run directories, records and report rows) would
         present these parameters as another variant's results. Any name by default."""
 
+    def check_chunk_size(self, chunk_size: int) -> None:
+        """Raise UserError when prefill calls of `chunk_size` tokens would break this method (SirLLM: a call's
+        tokens must fit its cache). Called with the run's `chunk_size` before any weights load. Any by default."""
+
     def bind(self, model, spec: ModelSpec) -> None:
         """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
         self.spec = spec
@@ -118,6 +122,25 @@ class ContextMethod:
         SnapKV / H2O compress the context, Quest's decode-time page selection starts. Nothing by default: it is
         called once per sample, off every method's per-call path. Code that drives `Engine.forward` itself (the
         probes) does not call it."""
+
+    # -- token surprisals (methods that rank tokens by the model's own -log p) ----------------------------------
+    #: True: after each forward call the engine computes the LM head over every position of the call (in row
+    #: tiles, never a [L, V] block) and calls `observe_token_nll` with the call's token surprisals before the
+    #: sample's next call. False (every method but SirLLM): the LM head runs for the last position only, when logits
+    #: are asked for; the engine's only cost is reading this flag once per forward call
+    wants_token_nll: ClassVar[bool] = False
+
+    def observe_token_nll(self, states: list, nll: torch.Tensor, nll_own: torch.Tensor) -> None:
+        """The surprisals of the L tokens x[0..L-1] of the call that just ran (fp32, [L], on the device), z[j] being
+        the model's logits at the call's position j:
+        - nll[j] = -log softmax(z[j-1])[x[j]]: each token's -log p given everything before it; for j = 0, z[-1] is
+          the last position of the sample's previous call (a decoded token: the step that produced it), NaN on a
+          sample's first call (position 0 has no predecessor);
+        - nll_own[j] = -log softmax(z[j])[x[j]]: each position's logits scored at its own input token (what the
+          SirLLM code's `_cal_selfinfo` gathers; kept for its bug switch).
+        `states` is the sample's list of per-layer states, as `attend` gets them. Called only when
+        `wants_token_nll`."""
+        raise NotImplementedError
 
     # -- accounting for `infllm-eval plan` and `infllm-eval bench` ----------------------------------------------
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
