@@ -53,10 +53,14 @@ def generate_observing(cfg, lm, sample, eng, name: str, observe, new_tokens: int
         observe((calls[0] - 1) % n_layers, result, *a)
         return result
 
+    own = {k: vars(m)[k] for k in (name, "attend") if k in vars(m)}  # instance attributes to put back
     setattr(m, name, observed)
     m.attend = counting_attend
     try:
         return eng.generate(sample.input_ids, new_tokens, int(cfg.chunk_size), list(lm.stop_token_ids))
     finally:
-        setattr(m, name, inner)
-        m.attend = attend
+        for k in (name, "attend"):
+            if k in own:
+                setattr(m, k, own[k])
+            else:
+                delattr(m, k)

@@ -1,10 +1,13 @@
-"""probes/: the InfLLM lookup probes read the observation hook (nothing patched) and refuse other methods."""
+"""probes/: the lookup probes read InfLLM's observation hook or wrap a method's selection for one run (nothing stays
+patched), and refuse other methods."""
 
 import pytest
 
 from infllm_eval.errors import UserError
 from infllm_eval.methods.infllm import InfLLM
-from probes import needle_ranks
+from infllm_eval.methods.infllmv2 import InfLLMv2
+from infllm_eval.methods.longheads import LongHeads
+from probes import infllmv2_blocks, longheads_chunks, needle_ranks
 from probes.common import passkey_sample
 
 TINY = ["model=tiny-llama", "chunk_size=128", "method.params.n_local=128", "method.params.exc_block_size=64",
@@ -14,8 +17,26 @@ TINY = ["model=tiny-llama", "chunk_size=128", "method.params.n_local=128", "meth
 
 @pytest.mark.parametrize("probe", ["probes/needle_ranks.py", "probes/repr_ranks.py"])
 def test_lookup_probes_refuse_other_methods(probe):
-    with pytest.raises(UserError, match=f"{probe} measures InfLLM's unit lookup.*not method=streamingllm"):
+    with pytest.raises(UserError, match=f"{probe} measures the lookup of infllm.*not method=streamingllm"):
         passkey_sample(["1024", "0.5", "model=tiny-llama", "method=streamingllm"], probe)
+
+
+@pytest.mark.parametrize("probe,cls,name", [(longheads_chunks, LongHeads, "longheads"),
+                                            (infllmv2_blocks, InfLLMv2, "infllmv2")])
+def test_selection_probes_log_every_layer_and_restore_the_method(probe, cls, name):
+    fn = getattr(probe, probe.__name__.split(".")[-1])
+    with pytest.raises(UserError, match=f"measures the lookup of {name}.*not method=infllm"):
+        fn(["1024", "0.5", "model=tiny-llama", "method=infllm"])
+    small = {"longheads": ["method.params.window_size=32", "method.params.atten_length=256",
+                           "method.params.begin_selective_length=256"],
+             "infllmv2": ["method.params.dense_len=256", "method.params.topk=4", "method.params.window_size=128",
+                          "method.params.block_size=32"]}[name]
+    before = dict(vars(cls))
+    facts, log = fn(["1024", "0.5", "0", "model=tiny-llama", "chunk_size=128", *small])
+    assert dict(vars(cls)) == before
+    n_lookups = len(log) // facts["n_layers"]
+    assert n_lookups >= 2 and [row[0] for row in log] == [0, 1] * n_lookups  # last prompt token, generated ones
+    assert all(0 <= row[1] <= row[-1] for row in log)  # groups / heads that chose a needle chunk, of all
 
 
 def test_needle_ranks_reads_every_layer_through_the_hook_and_patches_nothing():
