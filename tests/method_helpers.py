@@ -74,3 +74,24 @@ def run_steps(model, method, ids, chunk_size, new_tokens=6):
         logits.append(eng.forward(states, torch.tensor([[tokens[-1]]]), n + i, logits=True))
     tokens.append(int(torch.argmax(logits[-1])))
     return torch.stack(logits), tokens
+
+
+def assert_equals_full(arch: str, method, n: int = 200, chunk: int = 16, tol: float = 1e-4) -> None:
+    """`method` on an n-token prompt gives full attention's logits (every decoded position) and tokens."""
+    from infllm_eval.methods.full import FullAttention
+
+    m = tiny(arch)
+    ids = prompt(m, n)
+    full_logits, full_tokens = run_steps(m, FullAttention(**conf_params("full")), ids, chunk)
+    logits, tokens = run_steps(m, method, ids, chunk)
+    assert (logits - full_logits).abs().max() <= tol
+    assert tokens == full_tokens
+
+
+def assert_independent_of(arch: str, make, variants, n: int = 200, seed: int = 3, tol: float = 1e-5) -> None:
+    """make(**overrides) -> method; variants: [(chunk_size, overrides)]: every variant gives the first one's logits
+    (every decoded position)."""
+    m = tiny(arch)
+    ids = prompt(m, n, seed=seed)
+    runs = [run_steps(m, make(**o), ids, c)[0] for c, o in variants]
+    assert all((r - runs[0]).abs().max() <= tol for r in runs)

@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from h2o_reference import DenseH2O
-from method_helpers import ARCHS, conf_params, prompt, run_steps, tiny
+from method_helpers import (
+    ARCHS,
+    assert_equals_full,
+    assert_independent_of,
+    conf_params,
+    prompt,
+    run_steps,
+    tiny,
+)
 
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
@@ -20,12 +28,7 @@ SMALL = dict(conf_params("h2o"), compression_ratio=0.75, kept_tokens=None)
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compare(arch, params, chunk, n=200, seed=1, steps=6):
@@ -70,26 +73,16 @@ def test_no_recent_window_is_protected():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("budget", [dict(compression_ratio=0.0), dict(compression_ratio=None, kept_tokens=500)])
 def test_budget_covering_input_equals_full(arch, budget):
-    m = tiny(arch)
-    ids = prompt(m, 200)
-    full_logits, full_tokens = run_steps(m, FullAttention(**FULL), ids, 16)
-    logits, tokens = run_steps(m, H2O(**dict(SMALL, **budget)), ids, 16)
-    assert (logits - full_logits).abs().max() <= TOL
-    assert tokens == full_tokens
+    assert_equals_full(arch, H2O(**dict(SMALL, **budget)))
 
 
 def test_a_one_token_prompt_has_nothing_to_compress():
-    m = tiny("tiny-qwen2")
-    ids = prompt(m, 1)
-    full = run_steps(m, FullAttention(**FULL), ids, 16)[0]
-    assert (run_steps(m, H2O(**SMALL), ids, 16)[0] - full).abs().max() <= TOL
+    assert_equals_full("tiny-qwen2", H2O(**SMALL), n=1)
 
 
 def test_outputs_depend_on_neither_chunk_size_nor_q_tile():
-    m = tiny("tiny-mistral")
-    ids = prompt(m, 200, seed=3)
-    runs = [run_steps(m, H2O(**dict(SMALL, q_tile=qt)), ids, c)[0] for qt, c in ((64, 1), (3, 24), (16, 199))]
-    assert all((r - runs[0]).abs().max() <= 1e-5 for r in runs)
+    assert_independent_of("tiny-mistral", lambda **o: H2O(**dict(SMALL, **o)),
+                          [(1, dict(q_tile=64)), (24, dict(q_tile=3)), (199, dict(q_tile=16))])
 
 
 def test_compression_drops_the_evicted_keys():

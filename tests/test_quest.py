@@ -21,12 +21,7 @@ SMALL = dict(conf_params("quest"), chunk_size=8, token_budget=32, dense_layers=1
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compare(arch, params, chunk, n=200, seed=1, steps=6):

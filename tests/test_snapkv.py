@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_helpers import ARCHS, conf_params, prompt, run_steps, tiny
+from method_helpers import (
+    ARCHS,
+    assert_equals_full,
+    assert_independent_of,
+    conf_params,
+    prompt,
+    run_steps,
+    tiny,
+)
 from snapkv_reference import DenseSnapKV
 
 from infllm_eval.engine import Engine
@@ -20,12 +28,7 @@ SMALL = dict(conf_params("snapkv"), compression_ratio=0.75, kept_tokens=None, wi
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compare(arch, params, chunk, n=200, seed=1, steps=6):
@@ -67,27 +70,17 @@ def test_snapkv_switches_match_dense_reference(arch, switch, chunk):
 @pytest.mark.parametrize("budget", [dict(compression_ratio=0.0), dict(compression_ratio=None, kept_tokens=199),
                                     dict(window_size=256)])  # no compression: ratio 0, all kept, n <= window
 def test_budget_covering_input_equals_full(arch, budget):
-    m = tiny(arch)
-    ids = prompt(m, 200)
-    full_logits, full_tokens = run_steps(m, FullAttention(**FULL), ids, 16)
-    logits, tokens = run_steps(m, SnapKV(**dict(SMALL, **budget)), ids, 16)
-    assert (logits - full_logits).abs().max() <= TOL
-    assert tokens == full_tokens
+    assert_equals_full(arch, SnapKV(**dict(SMALL, **budget)))
 
 
 def test_a_one_token_prompt_has_nothing_to_compress():
-    m = tiny("tiny-llama")
-    ids = prompt(m, 1)
-    full = run_steps(m, FullAttention(**FULL), ids, 16)[0]
-    assert (run_steps(m, SnapKV(**SMALL), ids, 16)[0] - full).abs().max() <= TOL
+    assert_equals_full("tiny-llama", SnapKV(**SMALL), n=1)
 
 
 def test_outputs_depend_on_neither_chunk_size_nor_q_tile_nor_fattn():
-    m = tiny("tiny-mistral")
-    ids = prompt(m, 200, seed=3)
-    runs = [run_steps(m, SnapKV(**dict(SMALL, q_tile=qt, fattn=fa)), ids, c)[0]
-            for qt, fa, c in ((64, True, 1), (3, False, 24), (16, True, 199))]
-    assert all((r - runs[0]).abs().max() <= 1e-5 for r in runs)
+    assert_independent_of("tiny-mistral", lambda **o: SnapKV(**dict(SMALL, **o)),
+                          [(1, dict(q_tile=64, fattn=True)), (24, dict(q_tile=3, fattn=False)),
+                           (199, dict(q_tile=16, fattn=True))])
 
 
 def test_compression_drops_the_evicted_keys():
