@@ -7,20 +7,26 @@ lookup, as the reference's GreedySearch), then greedy decoding one token at a ti
 scheme. A method that declares `wants_token_nll` (SirLLM) also gets every token's -log p after each call (the LM
 head over all positions, tiled).
 
-Supported architectures: Llama, Mistral, Qwen2 (the decoder layers share one structure: input_layernorm ->
-self_attn(q/k/v/o_proj) -> residual -> post_attention_layernorm -> mlp -> residual).
+Supported families (`infllm_eval.layout`): Llama (3.x rope scaling included), Mistral, Qwen2 / Qwen2.5, Qwen3,
+Phi-3 / Phi-3.5, Gemma 2, Gemma 3 (text). One layer loop runs them all, driven by the model's `Layout` (fused or
+separate projections, where the norms sit and their flavour, q/k norms, activation, embedding scale, soft-capping);
+Llama / Mistral / Qwen2 take exactly the ops they took before layouts. On a model that mixes global and
+sliding-window layers, the context method replaces the global layers; the local layers keep the model's own window,
+computed exactly by `SlidingWindowAttention` with their own RoPE.
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from infllm_eval.layout import GLOBAL, LOCAL, Layout, layout
 from infllm_eval.methods import ContextMethod, ModelSpec
 from infllm_eval.methods.memory import MMAP_THRESHOLD, glibc
+from infllm_eval.methods.sliding import SlidingWindowAttention
 
 
 @dataclass
@@ -47,9 +53,11 @@ def _check_deadline(deadline: float | None) -> None:
         raise SampleTimeout("sample ran past sample_timeout_s")
 
 
-def model_spec(model, device, dtype) -> ModelSpec:
+def model_spec(model, device, dtype, lay: Layout | None = None) -> ModelSpec:
+    """The spec of the model's global layers (those the context method runs on)."""
     cfg = model.config
     H = cfg.num_attention_heads
+    lay = lay or layout(cfg)
     return ModelSpec(
         n_layers=cfg.num_hidden_layers,
         n_heads=H,
@@ -57,6 +65,10 @@ def model_spec(model, device, dtype) -> ModelSpec:
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // H,
         device=device,
         dtype=dtype,
+        attn_scale=lay.attn_scale,
+        attn_softcap=lay.attn_softcap,
+        rope_layer_type=lay.rope_key(GLOBAL),
+        layers=tuple(lay.global_layers) if lay.local_layers else None,
     )
 
 
@@ -101,17 +113,41 @@ def _linear(lin: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
         torch.addmm(lin.bias, x, lin.weight.t(), out=out)
 
 
-def _rms_norm(norm, h: torch.Tensor, out: torch.Tensor, var: torch.Tensor) -> None:
+def _rms_norm(norm, h: torch.Tensor, out: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None = None
+              ) -> None:
     """out = norm(h) for Llama/Mistral/Qwen2's RMSNorm: weight * (h * rsqrt(mean(h^2) + eps)), in fp32 like HF.
+    `weight`: the factor to use instead of norm.weight (Gemma's 1 + weight, `Engine._norm_weight`).
     Other dtypes go through the module (it upcasts to fp32 and back, which needs temporaries anyway)."""
     if h.dtype != torch.float32:
         out.copy_(norm(h))
         return
     torch.mul(h, h, out=out)
     torch.mean(out, dim=-1, keepdim=True, out=var)
-    var.add_(norm.variance_epsilon).rsqrt_()
+    var.add_(norm.variance_epsilon if weight is None else getattr(norm, "eps", None) or norm.variance_epsilon).rsqrt_()
     torch.mul(h, var, out=out)
-    out.mul_(norm.weight)
+    out.mul_(norm.weight if weight is None else weight)
+
+
+def _head_rms_norm(norm, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """x [L, heads, D] <- norm(x) per head in place (Qwen3 / Gemma 3 q_norm, k_norm), fp32 math like HF."""
+    if x.dtype != torch.float32:
+        x.copy_(norm(x))
+        return
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    var = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    x.mul_(var).mul_(weight)
+
+
+def _activate(gate: torch.Tensor, name: str) -> None:
+    """gate <- act(gate) in place (transformers' ACT2FN name)."""
+    if name == "silu":
+        torch.nn.functional.silu(gate, inplace=True)
+    elif name == "gelu_pytorch_tanh":
+        gate.copy_(torch.nn.functional.gelu(gate, approximate="tanh"))
+    else:
+        from transformers.activations import ACT2FN
+
+        gate.copy_(ACT2FN[name](gate))
 
 
 def _gated_mlp(mlp, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
@@ -134,7 +170,21 @@ class Engine:
         self.inner = model.model
         self.method = method
         self.device = device
-        self.spec = model_spec(model, device, dtype)
+        self.layout = lay = layout(model.config)
+        self.spec = model_spec(model, device, dtype, lay)
+        method.check_rope_type(lay.rope_types[lay.rope_key(GLOBAL)])  # also refused before weights (runner)
+        #: the attention of each layer: the context method on global layers, the model's own window on local ones
+        self.local = None
+        if lay.local_layers:
+            self.local = SlidingWindowAttention(lay.sliding_window, fattn=bool(method.params["fattn"]),
+                                                q_tile=method.params["q_tile"])
+            self.local.bind(model, replace(self.spec, rope_layer_type=lay.rope_key(LOCAL)))
+        self.attn_of = [self.local if t == LOCAL else method for t in lay.layer_types]
+        self.method_layers = lay.global_layers
+        self._weights: dict[int, torch.Tensor] = {}  # id(norm) -> 1 + weight in fp32 (Gemma's RMSNorm)
+        self._embed_scale = None
+        if lay.embed_scale is not None:  # HF: sqrt(hidden) in the embedding's dtype
+            self._embed_scale = torch.tensor(lay.embed_scale, device=device).to(self.inner.embed_tokens.weight.dtype)
         self.mlp_rows = None  # tokens per MLP call; None = the whole chunk
         if device.type == "cpu":
             _keep_freed_memory_on_cpu()
@@ -158,7 +208,9 @@ class Engine:
         the engine keeps from chunk to chunk (`Workspace`), written with `out=` ops: no large temporary is
         allocated per layer, so the heap does not fragment and the workspace does not depend on the run's history.
         Same math, op for op, as the HF modules (RMSNorm, Linear, gated MLP)."""
-        s, ws = self.spec, self.ws
+        s, ws, lay = self.spec, self.ws, self.layout
+        if not lay.plain:
+            return self._forward_layout(states, ids, start, logits)
         L = ids.shape[1]
         hidden = self.model.config.hidden_size
         h = ws.get("h", L, hidden)
@@ -172,15 +224,15 @@ class Engine:
         gate, up, down = ws.get("gate", rows, inter), ws.get("up", rows, inter), ws.get("down", rows, hidden)
         o_heads = o_flat.view(1, L, s.n_heads, s.head_dim).transpose(1, 2)  # [1, H, L, D]: attention output
         pos = torch.arange(start, start + L, device=self.device)
-        for layer, state in zip(self.inner.layers, states):
+        for layer, state, impl in zip(self.inner.layers, states, self.attn_of):
             attn = layer.self_attn
             _rms_norm(layer.input_layernorm, h, x, var)
             _linear(attn.q_proj, x, q)
             _linear(attn.k_proj, x, k)
             _linear(attn.v_proj, x, v)
-            o = self.method.attend(state, q.view(1, L, s.n_heads, s.head_dim).transpose(1, 2),
-                                   k.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2),
-                                   v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos, out=o_heads)
+            o = impl.attend(state, q.view(1, L, s.n_heads, s.head_dim).transpose(1, 2),
+                            k.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2),
+                            v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos, out=o_heads)
             if o is not o_heads:  # a method that allocates its own output
                 o_heads.copy_(o)
             _linear(attn.o_proj, o_flat, x)  # x is free until the next norm
@@ -190,11 +242,108 @@ class Engine:
                 n = min(rows, L - r)
                 _gated_mlp(layer.mlp, x[r : r + n], gate[:n], up[:n], down[:n])
                 h[r : r + n].add_(down[:n])
+        return self._finish(states, h, ids, start, logits)
+
+    def _finish(self, states: list, h: torch.Tensor, ids: torch.Tensor, start: int, logits: bool
+                ) -> torch.Tensor | None:
         if self.method.wants_token_nll:  # the one check other methods pay
             return self._token_nll(states, h, ids, start, logits)
         if not logits:
             return None
-        return self.model.lm_head(self.inner.norm(h[-1:]))[-1].float()
+        return self._head(h[-1:])[-1].float()
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over rows h [n, hidden] (final norm, lm_head, Gemma 2's final soft-capping) -> [n, V]."""
+        z = self.model.lm_head(self.inner.norm(h))
+        cap = self.layout.final_softcap
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        return z
+
+    def _norm_weight(self, norm) -> torch.Tensor | None:
+        """The factor of an RMSNorm for `_rms_norm`: None (its weight) unless the family's RMSNorm multiplies by
+        1 + weight in fp32 (Gemma), computed once."""
+        if not self.layout.family.gemma_norm:
+            return None
+        w = self._weights.get(id(norm))
+        if w is None:
+            w = self._weights[id(norm)] = 1.0 + norm.weight.float()
+        return w
+
+    def _norm(self, norm, h: torch.Tensor, out: torch.Tensor, var: torch.Tensor) -> None:
+        _rms_norm(norm, h, out, var, self._norm_weight(norm))
+
+    def _forward_layout(self, states: list, ids: torch.Tensor, start: int, logits: bool) -> torch.Tensor | None:
+        """`forward` for the families whose layer differs from Llama's (`Layout.plain` false): the same loop with
+        the layout's fused projections, q/k norms, sandwich norms, activation and embedding scale."""
+        s, ws, lay, fam = self.spec, self.ws, self.layout, self.layout.family
+        L = ids.shape[1]
+        hidden = self.model.config.hidden_size
+        h = ws.get("h", L, hidden)
+        torch.index_select(self.inner.embed_tokens.weight, 0, ids[0], out=h)
+        if self._embed_scale is not None:
+            h.mul_(self._embed_scale)
+        x, x2, var = ws.get("x", L, hidden), ws.get("x2", L, hidden), ws.get("var", L, 1)
+        nq, nkv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+        if fam.fused_qkv:
+            qkv = ws.get("qkv", L, nq + 2 * nkv)
+            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
+        else:
+            q, k, v = ws.get("q", L, nq), ws.get("k", L, nkv), ws.get("v", L, nkv)
+        o_flat = ws.get("o", L, nq)
+        rows = min(L, self.mlp_rows or L)
+        inter = self.model.config.intermediate_size
+        if fam.fused_gate_up:
+            gu = ws.get("gate_up", rows, 2 * inter)
+            gate, up = gu[:, :inter], gu[:, inter:]
+        else:
+            gate, up = ws.get("gate", rows, inter), ws.get("up", rows, inter)
+        down = ws.get("down", rows, hidden)
+        o_heads = o_flat.view(1, L, s.n_heads, s.head_dim).transpose(1, 2)  # [1, H, L, D]: attention output
+        pos = torch.arange(start, start + L, device=self.device)
+        for layer, state, impl in zip(self.inner.layers, states, self.attn_of):
+            attn, mlp = layer.self_attn, layer.mlp
+            self._norm(layer.input_layernorm, h, x, var)
+            if fam.fused_qkv:
+                _linear(attn.qkv_proj, x, qkv)
+            else:
+                _linear(attn.q_proj, x, q)
+                _linear(attn.k_proj, x, k)
+                _linear(attn.v_proj, x, v)
+            qh, kh = q.view(L, s.n_heads, s.head_dim), k.view(L, s.n_kv_heads, s.head_dim)
+            if fam.qk_norm:
+                for norm, heads in ((attn.q_norm, qh), (attn.k_norm, kh)):
+                    w = self._norm_weight(norm)
+                    _head_rms_norm(norm, heads, norm.weight if w is None else w)
+            o = impl.attend(state, qh[None].transpose(1, 2), kh[None].transpose(1, 2),
+                            v.view(1, L, s.n_kv_heads, s.head_dim).transpose(1, 2), pos, out=o_heads)
+            if o is not o_heads:  # a method that allocates its own output
+                o_heads.copy_(o)
+            _linear(attn.o_proj, o_flat, x)  # x is free until the next norm
+            if fam.sandwich:  # Gemma: the attention output is normed before the residual
+                self._norm(layer.post_attention_layernorm, x, x2, var)
+                h.add_(x2)
+                self._norm(layer.pre_feedforward_layernorm, h, x, var)
+            else:
+                h.add_(x)
+                self._norm(layer.post_attention_layernorm, h, x, var)
+            for r in range(0, L, rows):  # the MLP is per token: row slices give the same result
+                n = min(rows, L - r)
+                g, u = gate[:n], up[:n]
+                if fam.fused_gate_up:
+                    _linear(mlp.gate_up_proj, x[r : r + n], gu[:n])
+                else:
+                    _linear(mlp.gate_proj, x[r : r + n], g)
+                    _linear(mlp.up_proj, x[r : r + n], u)
+                _activate(g, lay.activation)
+                g.mul_(u)
+                _linear(mlp.down_proj, g, down[:n])
+                if fam.sandwich:
+                    self._norm(layer.post_feedforward_layernorm, down[:n], x2[r : r + n], var[r : r + n])
+                    h[r : r + n].add_(x2[r : r + n])
+                else:
+                    h[r : r + n].add_(down[:n])
+        return self._finish(states, h, ids, start, logits)
 
     def _token_nll(self, states: list, h: torch.Tensor, ids: torch.Tensor, start: int, logits: bool
                    ) -> torch.Tensor | None:
@@ -213,7 +362,7 @@ class Engine:
         z = None
         for r in range(0, L, tile):
             n = min(tile, L - r)
-            z = self.model.lm_head(self.inner.norm(h[r : r + n])).float()  # [n, V]
+            z = self._head(h[r : r + n]).float()  # [n, V]
             lse = z.logsumexp(-1)
             nll_own[r : r + n] = lse - z.gather(1, x[r : r + n, None])[:, 0]
             m = min(n, L - 1 - r)  # rows whose next token is in this call
@@ -221,11 +370,17 @@ class Engine:
                 nll[r + 1 : r + 1 + m] = lse[:m] - z[:m].gather(1, x[r + 1 : r + 1 + m, None])[:, 0]
         last = z[-1]
         self._nll_carry = (start + L, last)
-        self.method.observe_token_nll(states, nll, nll_own)
+        self.method.observe_token_nll(self.method_states(states), nll, nll_own)
         return last if logits else None
 
     def new_states(self) -> list:
-        return [self.method.new_state(i) for i in range(self.spec.n_layers)]
+        """Every layer's state: the method's on its layers, the native window's on a mixed model's local layers."""
+        return [impl.new_state(i) for i, impl in enumerate(self.attn_of)]
+
+    def method_states(self, states: list) -> list:
+        """The states of the layers the method runs on (all of them unless the model has local layers), what its
+        `end_context`, `observe_token_nll` and `kv_bytes` get."""
+        return states if self.local is None else [states[i] for i in self.method_layers]
 
     @torch.no_grad()
     def prefill(
@@ -242,7 +397,7 @@ class Engine:
             self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
             if on_chunk is not None:
                 on_chunk(st, min(st + chunk_size, n - 1))
-        self.method.end_context(states)  # the context is in: a method's end-of-prompt point (base.py)
+        self.method.end_context(self.method_states(states))  # the context is in: a method's end-of-prompt point (base.py)
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")  # transformers model_type values our engine supports
+#: transformers model_type values our engine supports (their layer shapes: `infllm_eval.layout.FAMILIES`)
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 #: model.source -> loader `(cfg, dtype) -> (model, tokenizer, weights identity)`; each registers below.
 MODEL_SOURCES: Registry[Callable[..., tuple[Any, Any, dict]]] = Registry("model source")
 CONFIG_KEYS = (
@@ -179,6 +180,34 @@ def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     return load_model(cfg, device="cpu", dtype="float32").tokenizer
 
 
+def transformers_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig | None:
+    """The transformers config of a model config without its weights (tiny: built from model.tiny; hub: its
+    config.json; the embedded GGUF: its converted copy's), or None for a source registered by a plugin."""
+    cfg = _as_dict(model_cfg)
+    if cfg["source"] == "tiny":
+        return _tiny_config(cfg["arch"], cfg["tiny"], tokenizer or tiny_tokenizer(int(cfg["tiny"]["vocab_size"])))
+    if cfg["source"] == "hub":
+        source, kwargs, _ = _hub_location(cfg)
+        return _hub_config(cfg, source, kwargs)
+    if cfg["source"] == "gguf_package":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(_converted_gguf(cfg))
+    return None
+
+
+def check_method_on_model(method, model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """Refuse, before any weights load, a method whose position scheme the model's RoPE of the layers the method
+    runs on cannot follow (`ContextMethod.check_rope_type`: e.g. `dynamic` with a position-remapping method)."""
+    from infllm_eval.layout import GLOBAL, layout
+
+    config = transformers_config(model_cfg, tokenizer)
+    if config is None:
+        return
+    lay = layout(config)
+    method.check_rope_type(lay.rope_types[lay.rope_key(GLOBAL)])
+
+
 def _as_dict(model_cfg: Any) -> dict:
     """A plain dict from an omegaconf DictConfig (interpolations resolved) or any mapping."""
     try:
@@ -264,29 +293,12 @@ def _check_arch_matches(cfg: dict, config: PretrainedConfig) -> None:
 
 
 def check_architecture(model_config: PretrainedConfig) -> None:
-    """Raise a UserError unless our engine supports this transformers config (arch, no sliding window)."""
-    arch = getattr(model_config, "model_type", None)
-    supported = ", ".join(SUPPORTED_ARCHS)
-    if arch not in SUPPORTED_ARCHS:
-        raise UserError(f"Model architecture '{arch}' is not supported; supported: {supported}.")
-    window = _active_sliding_window(model_config)
-    if window is not None:
-        raise UserError(
-            f"Model architecture '{arch}' with a sliding attention window ({window}) is not supported; "
-            f"supported: {supported} with full attention (sliding_window null)."
-        )
+    """Raise a UserError unless our engine supports this transformers config: a supported family (`layout`), with
+    full attention on at least one layer (a sliding window on every layer is refused; mixed layouts run the method
+    on the global layers and the model's own window on the local ones)."""
+    from infllm_eval.layout import layout
 
-
-def _active_sliding_window(config: PretrainedConfig) -> int | None:
-    """The sliding window the reference model would apply, or None when every layer attends fully."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        return window
-    if config.model_type == "qwen2":
-        return window if getattr(config, "use_sliding_window", False) else None
-    return window  # mistral (and llama-likes) apply any sliding_window that is set
+    layout(model_config)
 
 
 def render_chat(lm: LoadedModel, prompt: str) -> str:
@@ -501,17 +513,19 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
 
 
 def _tiny_config(arch: str, tiny: dict, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """The transformers config of a tiny model: `model.tiny` gives the shape (TINY_KEYS) and may set any other key
+    of the family's config class (rope_parameters, sliding_window, layer_types, soft-capping, head_dim, ...)."""
+    from transformers import AutoConfig
 
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     shape = {k: v for k, v in tiny.items() if k not in ("seed", "vocab_size")}
-    extra: dict[str, Any] = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
-    return classes[arch](
-        **shape,
+    extra: dict[str, Any] = {"sliding_window": None} if arch in ("mistral", "qwen2", "qwen3", "phi3") else {}
+    extra.update({"max_position_embeddings": 131072, "rope_parameters": {"rope_type": "default",
+                                                                          "rope_theta": 10000.0}})
+    extra.update(shape)
+    return AutoConfig.for_model(
+        arch,
         **extra,
         vocab_size=len(tokenizer),
-        max_position_embeddings=131072,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -23,25 +23,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rope:
-    def __init__(self, model, base: float | None = None, distance_scale: float | None = None):
+    """`layer_type`: for models whose RoPE differs per layer type (Gemma 3: `sliding_attention` layers use the local
+    base, `full_attention` ones the global base and its scaling), the type of the layers this Rope rotates for; the
+    model's rotary module then takes it on every call. None for models with one RoPE."""
+
+    def __init__(self, model, base: float | None = None, distance_scale: float | None = None,
+                 layer_type: str | None = None):
         rotary = model.model.rotary_emb
         if base is not None:
             cfg = copy.deepcopy(rotary.config)
-            params = dict(getattr(cfg, "rope_parameters", None) or {})
-            params["rope_theta"] = float(base)
+            params = copy.deepcopy(dict(getattr(cfg, "rope_parameters", None) or {}))
+            (params[layer_type] if layer_type is not None else params)["rope_theta"] = float(base)
             cfg.rope_parameters = params
-            rotary = type(rotary)(config=cfg).to(rotary.inv_freq.device)
+            device = next(iter(rotary.buffers())).device
+            rotary = type(rotary)(config=cfg).to(device)
         self.rotary = rotary
+        self.layer_type = layer_type
         self.distance_scale = 1.0 if distance_scale is None else float(distance_scale)
         self.base = base
-        self.static = getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
+        rope_type = getattr(rotary, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(layer_type, "default")
+        self.static = rope_type not in ("dynamic", "longrope")
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for 1-D `positions` [S] -> two tensors [S, D] in fp32 (rotation is done in fp32)."""
         pos = positions.to(torch.float32) * self.distance_scale if self.distance_scale != 1.0 else positions
         probe = like.new_empty(0, dtype=torch.float32)
-        cos, sin = self.rotary(probe, pos[None].to(like.device))
+        if self.layer_type is None:
+            cos, sin = self.rotary(probe, pos[None].to(like.device))
+        else:
+            cos, sin = self.rotary(probe, pos[None].to(like.device), self.layer_type)
         return cos[0], sin[0]
 
     @staticmethod

@@ -31,7 +31,7 @@ from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.errors import UserError
 from infllm_eval.methods import ContextMethod, make_method
 from infllm_eval.metrics import get_metric
-from infllm_eval.models import load_model, load_tokenizer, render_prompt, resolve_device_dtype
+from infllm_eval.models import check_method_on_model, load_model, load_tokenizer, render_prompt, resolve_device_dtype
 from infllm_eval.store import (LOCK_FILE, SAMPLES_FILE, RunStore, content_key, provenance, read_samples,
                                run_dir_name)
 from infllm_eval.tasks import as_plain_dict, make_task
@@ -106,6 +106,7 @@ def prepare_cell(cfg: DictConfig, target: RunTarget) -> Cell:
     method.check_chunk_size(int(cfg.chunk_size))
     device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)  # model config, model.path / hub cache, architecture
+    check_method_on_model(method, cfg.model, tokenizer)  # the model's rope scaling vs the method's positions
     model_cfg = as_plain_dict(cfg.model)
     render = (lambda text: render_prompt(model_cfg, tokenizer, text)) if cfg.model.chat_template else (lambda t: t)
     # the task with its data (task.data_dir) and its lengths (too short for the prompt, over the task's maximum)

@@ -477,9 +477,9 @@ def test_attention_workspace_is_bounded(monkeypatch, method, bounded):
     seen = []
     real = kernels.multi_stage_attention
 
-    def spy(stages, q_pos, scale, q_tile=256, fused=True, out=None):
+    def spy(stages, q_pos, scale, q_tile=256, fused=True, out=None, softcap=None):
         seen.append(min(q_tile, stages[0].q.shape[2]) * sum(s.k.shape[2] for s in stages))
-        return real(stages, q_pos, scale, q_tile, fused, out)
+        return real(stages, q_pos, scale, q_tile, fused, out, softcap)
 
     for mod in ("infllm_eval.methods.infllm", "infllm_eval.methods.window", "infllm_eval.methods.full"):
         monkeypatch.setattr(f"{mod}.multi_stage_attention", spy)
@@ -589,9 +589,9 @@ def test_q_tile_comes_from_the_config_and_stays_out_of_result_keys(monkeypatch):
     tiles = []
     real = kernels.multi_stage_attention
 
-    def spy(stages, q_pos, scale, q_tile, fused=True, out=None):
+    def spy(stages, q_pos, scale, q_tile, fused=True, out=None, softcap=None):
         tiles.append(q_tile)
-        return real(stages, q_pos, scale, q_tile, fused, out)
+        return real(stages, q_pos, scale, q_tile, fused, out, softcap)
 
     monkeypatch.setattr("infllm_eval.methods.full.multi_stage_attention", spy)
     m = tiny("tiny-llama")

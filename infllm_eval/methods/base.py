@@ -33,6 +33,16 @@ class ModelSpec:
     head_dim: int
     device: torch.device
     dtype: torch.dtype
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2's attention logit soft-capping; None = none
+    rope_layer_type: str | None = None  # the layer type whose RoPE the method's layers use (Gemma 3); None = one RoPE
+    layers: tuple[int, ...] | None = None  # the layers the method runs on, in order (mixed layouts); None = all
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer the method runs on: its state is created first for each sample, its `attend` runs first
+        in each forward call."""
+        return self.layers[0] if self.layers else 0
 
 
 class ContextMethod:
@@ -46,6 +56,12 @@ class ContextMethod:
     #: the explicit tiled PyTorch path for every stage (false); both compute the same fp32 softmax (tests), so it
     #: changes speed only; `q_tile`, queries per attention tile (bounds the score workspace)
     shared_params: ClassVar[tuple[str, ...]] = ("fattn", "q_tile")
+    #: whether `attend` applies `self.softcap` (attention logit soft-capping, Gemma 2) to every score it softmaxes;
+    #: a method that does not is refused on such a model (`bind`)
+    supports_softcap: ClassVar[bool] = False
+    #: whether the method rotates keys that are already rotated (RoPE is relative: rot(rot(k, a), b) = rot(k, a + b)),
+    #: which fails for rope types whose cos / sin carry an attention factor (yarn, longrope): it is applied twice
+    composes_rotations: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params = params
@@ -80,11 +96,36 @@ class ContextMethod:
         """Raise UserError when prefill calls of `chunk_size` tokens would break this method (SirLLM: a call's
         tokens must fit its cache). Called with the run's `chunk_size` before any weights load. Any by default."""
 
+    def check_rope_type(self, rope_type: str) -> None:
+        """Raise UserError when the model's RoPE of the layers this method runs on (`rope_type`: default, linear,
+        dynamic, llama3, longrope, yarn) cannot be combined with this method's positions. Called before any weights
+        load (`runner.prepare_cell`). `dynamic` and `longrope` compute their frequencies from the largest position
+        of a call (the sequence length so far): a method that moves keys or queries to other positions, or scales
+        them (distance_scale), would rotate with the frequencies of another length than the one it holds."""
+        from infllm_eval.layout import LENGTH_DEPENDENT_ROPE, SCALED_ROPE
+
+        remaps = not self.position_scheme.startswith("true") or self.params.get("distance_scale") not in (None, 1, 1.0)
+        if rope_type in LENGTH_DEPENDENT_ROPE and remaps:
+            raise UserError(f"Method '{self.name}' moves tokens to other positions ({self.position_scheme}), which "
+                            f"the model's rope scaling '{rope_type}' cannot follow (its frequencies depend on the "
+                            "largest position seen); use a method at true positions (full, quest, snapkv, h2o, hip, "
+                            "infllmv2) or a model without this scaling.")
+        if rope_type in SCALED_ROPE and self.composes_rotations:
+            raise UserError(f"Method '{self.name}' rotates keys already rotated, which applies the attention factor "
+                            f"of the model's rope scaling '{rope_type}' twice; use another method or a model "
+                            "without this scaling.")
+
     def bind(self, model, spec: ModelSpec) -> None:
-        """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale)."""
+        """Attach to a loaded model (builds the rotary helper with this method's base / distance_scale, for the RoPE
+        of the layers the method runs on: `spec.rope_layer_type`)."""
+        if spec.attn_softcap is not None and not self.supports_softcap:
+            raise UserError(f"Method '{self.name}' does not apply attention logit soft-capping, which this model "
+                            f"uses ({spec.attn_softcap}); use full, streamingllm or lminfinite on it.")
         self.spec = spec
-        self.rope = Rope(model, base=self.params["base"], distance_scale=self.params["distance_scale"])
-        self.scale = spec.head_dim**-0.5
+        self.rope = Rope(model, base=self.params["base"], distance_scale=self.params["distance_scale"],
+                         layer_type=spec.rope_layer_type)
+        self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim**-0.5
+        self.softcap = spec.attn_softcap
         self.fattn = bool(self.params["fattn"])
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str | None:

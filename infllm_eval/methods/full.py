@@ -20,6 +20,7 @@ from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 class FullAttention(ContextMethod):
     name = "full"
     position_scheme = "true"
+    supports_softcap = True
 
     def new_state(self, layer_idx: int) -> dict:
         return {"kv": None}
@@ -28,7 +29,8 @@ class FullAttention(ContextMethod):
         q, keys, values = self.append_rotated(state, q, k, v, int(pos[0]))  # positions are contiguous
         stage = Stage(q, keys, values, k_start=0, band=(0, INF))  # keys sit at positions 0..len-1
         out, _ = multi_stage_attention([stage], q_pos=pos, scale=self.scale, q_tile=self.q_tile,
-                                       fused=self.fattn, out=out)
+                                       fused=self.fattn, out=out,
+                                       softcap=self.softcap)
         return out
 
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:

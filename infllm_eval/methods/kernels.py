@@ -211,7 +211,7 @@ def _fused_stage(st: Stage, scale: float) -> tuple[torch.Tensor, torch.Tensor] |
 
 def multi_stage_attention(
     stages: list[Stage], q_pos: torch.Tensor, scale: float, q_tile: int, fused: bool = True,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, softcap: float | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """One softmax over the keys of all `stages`: output [B, H, L, D] (into `out`, any strides, when given) and,
     per stage, its keys' probabilities summed over the queries [B, H, T] (None unless it wants scores). Math is
@@ -222,8 +222,11 @@ def multi_stage_attention(
     2. per query tile, `_Explicit.logits`: the other stages' logits over the keys a band lets the tile see;
     3. `_join_softmax`: numerator (times V) and denominator of the joint softmax, stages joined by log-sum-exp;
     4. the probabilities per key of the stages that want them (InfLLM's representative tokens, lru-s credit);
-    5. the tile's output: numerator / denominator."""
+    5. the tile's output: numerator / denominator.
+    `softcap` (Gemma 2's attention logit soft-capping): logits -> softcap * tanh(logits / softcap) before the
+    softmax; no fused kernel caps, so every stage then runs on the explicit path."""
     B, H, L, D = stages[0].q.shape
+    fused = fused and softcap is None
     p0 = int(q_pos[0])
     scores = [torch.zeros(B, H, st.k.shape[2], dtype=torch.float32, device=st.q.device) if st.want_scores else None
               for st in stages]
@@ -231,7 +234,7 @@ def multi_stage_attention(
     if fused and len(stages) == 1 and not stages[0].want_scores:
         return _single_stage_sdpa(stages[0], p0, scale, out), scores
     joined, o_f, lse_f = _fused_stages(stages, scale) if fused else ([], None, None)  # [B, H, L, D], [B, H, L]
-    ex = _Explicit(stages, [i for i in range(len(stages)) if i not in joined], scale, q_tile)
+    ex = _Explicit(stages, [i for i in range(len(stages)) if i not in joined], scale, q_tile, softcap)
     for s in range(0, L, q_tile):
         e = min(L, s + q_tile)
         rows = (B, ex.H_kv, ex.G, e - s)  # the tile's query rows: head kv_head * G + g, query s + t
@@ -305,8 +308,10 @@ class _Explicit:
     [B, H, L, D]; K/V in fp32 [B, H_kv, split, T, D] (`_split_kv`: each KV head's query rows go to `split` bmm
     problems, `_row_split`); a logits buffer per stage (`_scratch`), reused by every tile."""
 
-    def __init__(self, stages: list[Stage], idx: list[int], scale: float, q_tile: int):
+    def __init__(self, stages: list[Stage], idx: list[int], scale: float, q_tile: int,
+                 softcap: float | None = None):
         B, H, L, _ = stages[0].q.shape
+        self.softcap = softcap
         self.stages, self.idx, self.H_kv = stages, idx, stages[0].k.shape[1]
         self.G, dev, n_rows = H // self.H_kv, stages[0].q.device, B * H * min(q_tile, L)  # rows of a full tile
         self.split = _row_split(B * self.H_kv, self.G * min(q_tile, L), dev)
@@ -332,6 +337,8 @@ class _Explicit:
             torch.bmm(self.q[i][:, :, s:e].reshape(nb, rows, D),
                       self.k[i][:, :, :sp, a:b].reshape(nb, b - a, D).transpose(-1, -2), out=lg)
             lg = lg.view(B, H_kv, G, tq, b - a)
+            if self.softcap is not None:
+                lg.div_(self.softcap).tanh_().mul_(self.softcap)
             q0, k0, k1 = p0 + s, st.k_start + a, st.k_start + b
             if st.band is not None:
                 _mask_band_edges(lg, q0, q0 + tq, k0, k1, st.band)

@@ -52,6 +52,7 @@ from infllm_eval.rope import rotate_half
 @METHODS.register("longheads")
 class LongHeads(ContextMethod):
     name = "longheads"
+    composes_rotations = True  # keys kept rotated at in-chunk offsets, rotated again by their chunk's start
     position_scheme = "per-head selected chunks re-positioned contiguously (query last, < atten_length); true below B"
     param_names = ("window_size", "atten_length", "begin_selective_length", "prefill_self_exclusion", "base",
                    "distance_scale")

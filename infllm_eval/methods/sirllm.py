@@ -95,7 +95,7 @@ class SirLLM(ContextMethod):
         self._sample: _Sample | None = None
 
     def new_state(self, layer_idx: int) -> dict:
-        if layer_idx == 0:  # the engine creates layer 0's state first for each sample
+        if layer_idx == self.spec.first_layer:  # the engine creates this state first for each sample
             self._sample = _Sample()
         return {"layer": layer_idx, "kv": None, "sample": self._sample}
 
@@ -127,7 +127,7 @@ class SirLLM(ContextMethod):
     def attend(self, state, q, k, v, pos, out=None):
         smp: _Sample = state["sample"]
         m = q.shape[2]
-        if state["layer"] == 0:
+        if state["layer"] == self.spec.first_layer:
             if m > self.cache_size - self.params["start_size"]:
                 self.check_chunk_size(m)
             self._evict(smp, m)

@@ -19,6 +19,7 @@ WINDOW_SLACK = 64  # tokens the window buffer holds beyond n_local + 2 chunks (f
 
 class WindowMethod(ContextMethod):
     param_names = ("n_init", "n_local", "base", "distance_scale")
+    supports_softcap = True
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +72,7 @@ class WindowMethod(ContextMethod):
             ik = self.rope.rotate(state["init_k"], k_at[: state["init_len"]])
             stages.append(Stage(self.rope.rotate(q, q_at), ik, state["init_v"],
                                 k_start=0, band=(self.n_local, INF)))
-        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile, self.fattn, out=out)
+        out, _ = multi_stage_attention(stages, pos, self.scale, self.q_tile, self.fattn, out=out,
+                                       softcap=self.softcap)
         win.drop_before(p1 - self.n_local + 1)  # the next query's window starts here at the earliest
         return out
