@@ -49,3 +49,16 @@ def test_needle_ranks_reads_every_layer_through_the_hook_and_patches_nothing():
     for _, summed, best_head in log:
         assert set(summed) == set(best_head) == set(facts["units"])
         assert all(0 <= r < 1024 // 32 for r in [*summed.values(), *best_head.values()])
+
+
+def test_sirllm_kept_follows_positions_through_evictions_and_restores_the_method():
+    from infllm_eval.methods.sirllm import SirLLM
+    from probes import sirllm_kept
+
+    before = dict(vars(SirLLM))
+    facts, rows = sirllm_kept.sirllm_kept(["1024", "0.5", "0", "model=tiny-llama", "chunk_size=64",
+                                           "method.params.token_entropy_size=252"])
+    assert dict(vars(SirLLM)) == before
+    assert facts["cached"] <= 256 and len(rows) == facts["n"]
+    assert {r[0] for r in rows} == set(range(facts["at"], facts["at"] + facts["n"]))
+    assert all((r[3] is None) == (not r[2]) for r in rows)  # an entropy exactly for the kept ones
