@@ -196,8 +196,20 @@ def ls(what: Optional[str] = typer.Argument(None, help="models | methods | tasks
         table.add_column("name", style="bold")
         table.add_column("description")
         for name, desc in group_options(group).items():
-            table.add_row(name, desc)
+            table.add_row(name, desc + (_layers_note(name) if group == "model" else ""))
         out.print(table)
+
+
+def _layers_note(model: str) -> str:
+    """For a model that mixes sliding-window and global layers: where a context method runs on it."""
+    from infllm_eval.commands.plan import model_layer_types
+
+    window, types = model_layer_types(model)
+    if window is None:
+        return ""
+    n_glob = types.count("full_attention")
+    return (f" · methods run on its {n_glob} global layer{'s' * (n_glob > 1)}, its {len(types) - n_glob} local "
+            f"ones keep their window of {window} (local_layers=method: every layer)")
 
 
 @app.command("config")
@@ -208,6 +220,15 @@ def config(overrides: Optional[list[str]] = OVERRIDES) -> None:
 
     make_method(cfg.method)
     sys.stdout.write(resolved_yaml(cfg))  # machine-readable: plain, never wrapped (`config ... > file.yaml`)
+    from infllm_eval.commands.plan import model_shape
+    from infllm_eval.layout import layer_plan
+
+    try:
+        shape = model_shape(cfg.model)
+    except UserError:  # no shape (a plugin's model): nothing to say about its layers
+        return
+    if shape["sliding_window"]:  # a YAML comment: the output stays loadable
+        sys.stdout.write(f"# layers: {layer_plan(shape['layer_types'], shape['sliding_window'], cfg.local_layers, cfg.method.name)}\n")
 
 
 @app.command("report")

@@ -331,6 +331,9 @@ def validate(cfg: DictConfig) -> None:
     _need(_is_int(cfg.chunk_size) and cfg.chunk_size > 0, "chunk_size", "a positive integer", cfg.chunk_size)
     for key in ("device", "dtype", "output_dir", "run_name"):
         _need(isinstance(cfg[key], str) and cfg[key] != "", key, "a non-empty string", cfg[key])
+    from infllm_eval.layout import LOCAL_LAYERS
+
+    _need(cfg.get("local_layers") in LOCAL_LAYERS, "local_layers", " or ".join(LOCAL_LAYERS), cfg.get("local_layers"))
     for key in ("progress", "resume"):
         _need(isinstance(cfg[key], bool), key, "true or false", cfg[key])
     timeout = cfg.get("sample_timeout_s")

@@ -17,13 +17,14 @@ computed exactly by `SlidingWindowAttention` with their own RoPE.
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from infllm_eval.layout import GLOBAL, LOCAL, Layout, layout
+from infllm_eval.layout import GLOBAL, LOCAL, Layout, check_local_layers, layout
 from infllm_eval.methods import ContextMethod, ModelSpec
 from infllm_eval.methods.memory import MMAP_THRESHOLD, glibc
 from infllm_eval.methods.sliding import SlidingWindowAttention
@@ -165,22 +166,37 @@ def _gated_mlp(mlp, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: 
 class Engine:
     """Runs one model with one context method. `generate` handles one sample at a time (batch size 1)."""
 
-    def __init__(self, model, method: ContextMethod, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, method: ContextMethod, device: torch.device, dtype: torch.dtype,
+                 local_layers: str = "native"):
         self.model = model
         self.inner = model.model
         self.method = method
         self.device = device
         self.layout = lay = layout(model.config)
+        check_local_layers(local_layers, lay, getattr(model.config, "model_type", "?"))
         self.spec = model_spec(model, device, dtype, lay)
         method.check_rope_type(lay.rope_types[lay.rope_key(GLOBAL)])  # also refused before weights (runner)
         #: the attention of each layer: the context method on global layers, the model's own window on local ones
+        #: (local_layers=native), or the method on every layer (local_layers=method: on a model with a RoPE per
+        #: layer type, a second instance of the method, bound with the local layers' RoPE, runs the local layers)
         self.local = None
-        if lay.local_layers:
+        self.groups: list[tuple[ContextMethod, list[int]]] = [(method, list(range(len(lay.layer_types))))]
+        if lay.local_layers and local_layers == "native":
             self.local = SlidingWindowAttention(lay.sliding_window, fattn=bool(method.params["fattn"]),
                                                 q_tile=method.params["q_tile"])
             self.local.bind(model, replace(self.spec, rope_layer_type=lay.rope_key(LOCAL)))
-        self.attn_of = [self.local if t == LOCAL else method for t in lay.layer_types]
-        self.method_layers = lay.global_layers
+            self.groups = [(method, lay.global_layers)]
+        elif lay.local_layers and lay.rope_key(LOCAL) != lay.rope_key(GLOBAL):
+            method.check_rope_type(lay.rope_types[lay.rope_key(LOCAL)])
+            self.local = copy.deepcopy(method)  # unbound: the same params, its own spec
+            self.local.bind(model, replace(self.spec, rope_layer_type=lay.rope_key(LOCAL),
+                                           layers=tuple(lay.local_layers)))
+            self.spec = replace(self.spec, layers=tuple(lay.global_layers))
+            self.groups = [(method, lay.global_layers), (self.local, lay.local_layers)]
+        elif lay.local_layers:  # one RoPE for every layer (Gemma 2): the method runs them all
+            self.spec = replace(self.spec, layers=None)
+        self.attn_of = [self.local if (t == LOCAL and self.local is not None) else method for t in lay.layer_types]
+        self.method_layers = self.groups[0][1]
         self._weights: dict[int, torch.Tensor] = {}  # id(norm) -> 1 + weight in fp32 (Gemma's RMSNorm)
         self._embed_scale = None
         if lay.embed_scale is not None:  # HF: sqrt(hidden) in the embedding's dtype
@@ -370,7 +386,7 @@ class Engine:
                 nll[r + 1 : r + 1 + m] = lse[:m] - z[:m].gather(1, x[r + 1 : r + 1 + m, None])[:, 0]
         last = z[-1]
         self._nll_carry = (start + L, last)
-        self.method.observe_token_nll(self.method_states(states), nll, nll_own)
+        self._each_method("observe_token_nll", states, nll, nll_own)
         return last if logits else None
 
     def new_states(self) -> list:
@@ -380,7 +396,21 @@ class Engine:
     def method_states(self, states: list) -> list:
         """The states of the layers the method runs on (all of them unless the model has local layers), what its
         `end_context`, `observe_token_nll` and `kv_bytes` get."""
-        return states if self.local is None else [states[i] for i in self.method_layers]
+        return states if len(self.method_layers) == len(states) else [states[i] for i in self.method_layers]
+
+    def attention_groups(self) -> list[tuple[ContextMethod, list[int]]]:
+        """Every layer once, grouped by the attention that runs it: the method's instance(s), and the model's own
+        window on a mixed model's local layers (local_layers=native); `bench` counts work and memory per group."""
+        groups = list(self.groups)
+        if self.local is not None and all(self.local is not impl for impl, _ in groups):
+            groups.append((self.local, self.layout.local_layers))
+        return groups
+
+    def _each_method(self, hook: str, states: list, *args) -> None:
+        """Calls `hook` of every method instance with the states of its layers (one instance, except with
+        local_layers=method on a model with a RoPE per layer type)."""
+        for impl, layers in self.groups:
+            getattr(impl, hook)([states[i] for i in layers] if len(layers) != len(states) else states, *args)
 
     @torch.no_grad()
     def prefill(
@@ -397,7 +427,7 @@ class Engine:
             self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
             if on_chunk is not None:
                 on_chunk(st, min(st + chunk_size, n - 1))
-        self.method.end_context(self.method_states(states))  # the context is in: a method's end-of-prompt point (base.py)
+        self._each_method("end_context", states)  # the context is in: a method's end-of-prompt point (base.py)
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()

@@ -149,3 +149,33 @@ def _uniform_window_applies(config) -> bool:
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 #: rope types whose cos / sin are multiplied by an attention factor (transformers' `attention_scaling`)
 SCALED_ROPE = ("yarn", "longrope")
+
+#: `local_layers` values: what runs on the sliding-window layers of a model that mixes them with global layers
+LOCAL_LAYERS = {
+    "native": "the model's own sliding window, exact; the context method runs on the global layers only",
+    "method": "the context method on every layer, each layer with its own RoPE (the local window is not applied)",
+}
+
+
+def check_local_layers(value: str, lay: Layout, model_name: str) -> None:
+    """Refuse an unknown `local_layers`, and `method` on a model without local layers (it would change nothing)."""
+    if value not in LOCAL_LAYERS:
+        raise UserError(f"Invalid local_layers '{value}'; allowed values: {', '.join(LOCAL_LAYERS)}.")
+    if value != "native" and not lay.local_layers:
+        raise UserError(f"local_layers={value} has no effect on {model_name}: it has no sliding-window layers "
+                        "(every layer is global, and the method runs on all of them); drop the setting.")
+
+
+def layer_plan(layer_types, window: int | None, local_layers: str, method: str) -> str:
+    """One line: what attention each layer runs, e.g. 'infllm on layers 5, 11, 17 (global); the model's own sliding
+    window of 512 tokens on the other 15 (local)'. `layer_types`: a Layout's, or `plan.model_shape`'s."""
+    types = list(layer_types)
+    glob = [i for i, t in enumerate(types) if t == GLOBAL]
+    n, n_loc = len(types), len(types) - len(glob)
+    if not n_loc:
+        return f"{method} on all {n} layers"
+    if local_layers == "method":
+        return (f"{method} on all {n} layers, the {n_loc} local ones included (local_layers=method: their window "
+                f"of {window} is not applied)")
+    return (f"{method} on layers {', '.join(map(str, glob))} (global); the model's own sliding window of "
+            f"{window} tokens on the other {n_loc} (local)")

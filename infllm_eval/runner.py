@@ -31,6 +31,7 @@ from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.errors import UserError
 from infllm_eval.methods import ContextMethod, make_method
 from infllm_eval.metrics import get_metric
+from infllm_eval.layout import layer_plan
 from infllm_eval.models import check_method_on_model, load_model, load_tokenizer, render_prompt, resolve_device_dtype
 from infllm_eval.store import (LOCK_FILE, SAMPLES_FILE, RunStore, content_key, provenance, read_samples,
                                run_dir_name)
@@ -106,7 +107,8 @@ def prepare_cell(cfg: DictConfig, target: RunTarget) -> Cell:
     method.check_chunk_size(int(cfg.chunk_size))
     device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)  # model config, model.path / hub cache, architecture
-    check_method_on_model(method, cfg.model, tokenizer)  # the model's rope scaling vs the method's positions
+    # the model's rope scaling vs the method's positions; local_layers vs the model's layout
+    check_method_on_model(method, cfg.model, tokenizer, str(cfg.local_layers))
     model_cfg = as_plain_dict(cfg.model)
     render = (lambda text: render_prompt(model_cfg, tokenizer, text)) if cfg.model.chat_template else (lambda t: t)
     # the task with its data (task.data_dir) and its lengths (too short for the prompt, over the task's maximum)
@@ -159,13 +161,15 @@ def _load_weights(cfg: DictConfig, say: "_Feedback"):
 def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, say: "_Feedback",
          state: dict) -> pd.DataFrame:
     method, task, specs = cell.method, cell.task, cell.specs
-    engine = Engine(lm.model, method, lm.device, lm.dtype)
+    engine = Engine(lm.model, method, lm.device, lm.dtype, local_layers=str(cfg.local_layers))
     stop_ids = list(lm.stop_token_ids) + list(getattr(task, "extra_stop_token_ids", []) or [])
     gen = {"max_new_tokens": task.max_new_tokens, "chunk_size": cfg.chunk_size, "greedy": True}
     base_key = {
         "harness": __version__, "model": lm.fingerprint, "method": method.describe(),
         "task": task.data_fingerprint(), "generation": gen, "dtype": str(lm.dtype), "device": lm.device.type,
     }
+    if engine.layout.local_layers:  # only mixed layouts: the keys of every other model's records stay as they were
+        base_key["local_layers"] = str(cfg.local_layers)
     timeout_s = cfg.get("sample_timeout_s")
     cell_key = content_key(base_key)  # names the config the records belong to (report reads only these)
     keys = [content_key(base_key, spec["sample_id"]) for spec in specs]
@@ -175,7 +179,10 @@ def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, sa
                                                    task_fingerprint=base_key["task"], method=method.describe(),
                                                    generation=gen, dtype=base_key["dtype"],
                                                    attention_backend=method.attention_backend(lm.device, lm.dtype),
-                                                   cell_key=cell_key, invocation=recorded_invocation(cfg)))
+                                                   cell_key=cell_key, invocation=recorded_invocation(cfg),
+                                                   layers=layer_plan(engine.layout.layer_types,
+                                                                     engine.layout.sliding_window,
+                                                                     str(cfg.local_layers), cfg.method.name)))
     done = store.finished() if cfg.resume else {}
     state["saved"] = sum(k in done for k in keys)
     if state["saved"]:

@@ -99,8 +99,9 @@ def linear_flops_per_token(model) -> int:
 def useful_flops(engine: Engine, start: int, n: int, with_lm_head: int) -> float:
     """FLOPs of processing positions start..start+n-1: linear layers + the attention the method computes."""
     s = engine.spec
-    per_key = 4 * s.n_heads * s.head_dim * s.n_layers
-    keys = sum(engine.method.attended_keys(p) for p in range(start, start + n))
+    per_key = 4 * s.n_heads * s.head_dim  # per layer
+    keys = sum(len(layers) * sum(impl.attended_keys(p) for p in range(start, start + n))
+               for impl, layers in engine.attention_groups())
     head = 2 * engine.model.lm_head.weight.numel() * with_lm_head
     return linear_flops_per_token(engine.model) * n + per_key * keys + head
 
@@ -109,9 +110,11 @@ def kv_need_bytes(engine: Engine, length: int, chunk_size: int) -> int:
     """The K/V the method says it keeps at `length` tokens (`memory_model`) in the memory this run measures: the
     device's, plus host memory on CPU, where the two are one."""
     s = engine.spec
-    mem = engine.method.memory_model(length, min(chunk_size, length), engine.device.type)
-    tokens = mem["device_tokens"] + (mem["host_tokens"] if engine.device.type == "cpu" else 0)
-    return 2 * s.n_layers * s.n_kv_heads * s.head_dim * tokens * torch.finfo(s.dtype).bits // 8
+    tokens = 0  # summed over layers
+    for impl, layers in engine.attention_groups():
+        mem = impl.memory_model(length, min(chunk_size, length), engine.device.type)
+        tokens += len(layers) * (mem["device_tokens"] + (mem["host_tokens"] if engine.device.type == "cpu" else 0))
+    return 2 * s.n_kv_heads * s.head_dim * tokens * torch.finfo(s.dtype).bits // 8
 
 
 def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: int) -> dict:
@@ -143,7 +146,10 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
             logits = engine.forward(states, nxt, n + i, logits=True)
             _sync(dev)
             step_s.append(time.perf_counter() - t)
-    kv = engine.method.kv_bytes(states)
+    kv = {"device": 0, "offloaded": 0}
+    for impl, layers in engine.attention_groups():
+        for where, b in impl.kv_bytes([states[i] for i in layers]).items():
+            kv[where] += b
     del states
     prefill_s = t1 - t0
     flops = useful_flops(engine, 0, n, with_lm_head=1)
@@ -245,7 +251,7 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         cfg = compose_method(overrides, method)
         b = cfg.bench
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype)
+        eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype, local_layers=str(cfg.local_layers))
         vocab = lm.model.config.vocab_size
         warm_up(eng, cfg)
         cell_peak = matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size))

@@ -9,6 +9,9 @@ per layer, C = min(chunk_size, length), T = length + max_new_tokens):
   (2 * (n_local + block_size + exc_block_size)), n_init, and the device cache of max(topk, max_cached_block) units
   of block_size tokens when offloading (all units without offloading); infllm's offloaded units
   (T - n_local - n_init tokens) count as host memory;
+- models mixing sliding-window and global layers (Gemma 2 / 3, `layer_types` or `sliding_window_pattern` in the
+  shape): with local_layers=native the method's K/V counts on the global layers only, the local layers keep
+  their window buffer (`SlidingWindowAttention.memory_model`: W + 2C + 64 tokens);
 - workspace of one layer: the fp32 score tile (n_heads * q_tile * the keys the method scores a tile against
   * 4; q_tile is `method.params.q_tile`, the value the method runs with) plus the chunk's activations (q/k/v/o
   and the MLP: C * (2 * hidden + (n_heads + 2 n_kv_heads) * head_dim + 3 * intermediate) * b).
@@ -54,7 +57,34 @@ def model_shape(model: DictConfig) -> dict:
     out["head_dim"] = int(shape.get("head_dim") or out["hidden_size"] // out["num_attention_heads"])
     out["vocab_size"] = int(shape.get("vocab_size") or 0)
     out["tie_word_embeddings"] = bool(shape.get("tie_word_embeddings", False))
+    out["sliding_window"], out["layer_types"] = _layer_types(shape, out["num_hidden_layers"])
     return out
+
+
+def model_layer_types(name: str) -> tuple[int | None, list[str]]:
+    """(window, per-layer type) of conf/model/<name>.yaml's shape (or tiny), without composing or loading."""
+    from infllm_eval.paths import conf_dirs
+
+    for folder in conf_dirs():
+        p = folder / "model" / f"{name}.yaml"
+        if p.is_file():
+            m = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+            shape = m.get("tiny") or m.get("shape") or {}
+            return _layer_types(shape, int(shape.get("num_hidden_layers") or 0))
+    return None, []
+
+
+def _layer_types(shape: dict, n: int) -> tuple[int | None, list[str]]:
+    """(window, per-layer type) of a model that mixes sliding-window and global layers, from `layer_types` or
+    Gemma 3's `sliding_window_pattern` (every n-th layer global); (None, all global) for any other model."""
+    from infllm_eval.layout import GLOBAL, LOCAL
+
+    window, types, pattern = shape.get("sliding_window"), shape.get("layer_types"), shape.get("sliding_window_pattern")
+    if window and types:
+        return int(window), [str(t) for t in types]
+    if window and pattern:
+        return int(window), [GLOBAL if (i + 1) % int(pattern) == 0 else LOCAL for i in range(n)]
+    return None, [GLOBAL] * n
 
 
 def _cached_config(m: dict) -> dict | None:
@@ -115,11 +145,21 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
     C = min(int(cfg.chunk_size), length)
     kv = 2 * Hkv * D * b  # per token per layer
     mem = method.memory_model(T, C, device)
+    device_tokens, host_tokens = mem["device_tokens"] * L, mem["host_tokens"] * L
+    if s["sliding_window"] and str(cfg.get("local_layers", "native")) == "native":
+        from infllm_eval.layout import LOCAL
+        from infllm_eval.methods.sliding import SlidingWindowAttention
+
+        n_local = s["layer_types"].count(LOCAL)
+        local = SlidingWindowAttention(s["sliding_window"], fattn=True, q_tile=method.q_tile).memory_model(T, C, device)
+        n_method = L - n_local
+        device_tokens = mem["device_tokens"] * n_method + local["device_tokens"] * n_local
+        host_tokens = mem["host_tokens"] * n_method
     work = H * min(method.q_tile, C) * mem["workspace_keys"] * 4
     work += C * (2 * s["hidden_size"] + (H + 2 * Hkv) * D + 3 * s["intermediate_size"]) * b
     work += s["vocab_size"] * 4
     weights = n_params(s) * b
-    kv_device, kv_host = mem["device_tokens"] * kv * L, mem["host_tokens"] * kv * L
+    kv_device, kv_host = device_tokens * kv, host_tokens * kv
     return {
         "dtype": dtype,
         "weights": weights,

@@ -44,6 +44,9 @@ class SlidingWindowAttention(ContextMethod):
         win.drop_before(p1 - self.window + 1)  # the next query's window starts here at the earliest
         return out
 
+    def attended_keys(self, p: int) -> int:
+        return min(p + 1, self.window)
+
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
         return {"device_tokens": min(length, self.window + 2 * chunk + SLACK), "host_tokens": 0,
                 "workspace_keys": min(length, self.window + self.q_tile)}
