@@ -203,11 +203,12 @@ def ls(what: Optional[str] = typer.Argument(None, help="models | methods | tasks
 def _layers_note(model: str) -> str:
     """For a model that mixes sliding-window and global layers: where a context method runs on it."""
     from infllm_eval.commands.plan import model_layer_types
+    from infllm_eval.layout import GLOBAL
 
     window, types = model_layer_types(model)
     if window is None:
         return ""
-    n_glob = types.count("full_attention")
+    n_glob = types.count(GLOBAL)
     return (f" · methods run on its {n_glob} global layer{'s' * (n_glob > 1)}, its {len(types) - n_glob} local "
             f"ones keep their window of {window} (local_layers=method: every layer)")
 

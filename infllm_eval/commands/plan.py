@@ -146,7 +146,7 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
     kv = 2 * Hkv * D * b  # per token per layer
     mem = method.memory_model(T, C, device)
     device_tokens, host_tokens = mem["device_tokens"] * L, mem["host_tokens"] * L
-    if s["sliding_window"] and str(cfg.get("local_layers", "native")) == "native":
+    if s["sliding_window"] and str(cfg.local_layers) == "native":
         from infllm_eval.layout import LOCAL
         from infllm_eval.methods.sliding import SlidingWindowAttention
 
