@@ -163,6 +163,11 @@ def _gated_mlp(mlp, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: 
     _linear(mlp.down_proj, gate, out)
 
 
+def _layer_states(states: list, layers: list[int]) -> list:
+    """The states of `layers` (the list itself when they are every layer)."""
+    return states if len(layers) == len(states) else [states[i] for i in layers]
+
+
 class Engine:
     """Runs one model with one context method. `generate` handles one sample at a time (batch size 1)."""
 
@@ -396,7 +401,7 @@ class Engine:
     def method_states(self, states: list) -> list:
         """The states of the layers the method runs on (all of them unless the model has local layers), what its
         `end_context`, `observe_token_nll` and `kv_bytes` get."""
-        return states if len(self.method_layers) == len(states) else [states[i] for i in self.method_layers]
+        return _layer_states(states, self.method_layers)
 
     def attention_groups(self) -> list[tuple[ContextMethod, list[int]]]:
         """Every layer once, grouped by the attention that runs it: the method's instance(s), and the model's own
@@ -410,7 +415,7 @@ class Engine:
         """Calls `hook` of every method instance with the states of its layers (one instance, except with
         local_layers=method on a model with a RoPE per layer type)."""
         for impl, layers in self.groups:
-            getattr(impl, hook)([states[i] for i in layers] if len(layers) != len(states) else states, *args)
+            getattr(impl, hook)(_layer_states(states, layers), *args)
 
     @torch.no_grad()
     def prefill(
