@@ -74,7 +74,9 @@ def test_outputs_depend_on_neither_chunk_size_nor_q_tile_nor_fattn():
     methods = [Quest(**dict(SMALL, dense_layers=dl, q_tile=qt, fattn=fa))
                for dl, qt, fa in ((1, 64, True), (1, 3, False), (1, 16, True), (0, 64, True), (0, 8, False))]
     runs = [run_steps(m, method, ids, c)[0] for method, c in zip(methods, (1, 24, 199, 1, 77))]
-    assert all((r - runs[0]).abs().max() <= 1e-5 for r in runs[:3]) and (runs[4] - runs[3]).abs().max() <= 1e-5
+    # the bar (1e-4): float reassociation across chunkings differs by CPU (1.3e-5 seen on a Xeon, under
+    # 1e-5 on an EPYC); a page or position that depends on the chunking moves logits by > 1e-2 (the dense tests)
+    assert all((r - runs[0]).abs().max() <= 1e-4 for r in runs[:3]) and (runs[4] - runs[3]).abs().max() <= 1e-4
     # bench's attention work: causal in the context; after it, layer 0 dense and layer 1 on 4 pages of 8
     assert methods[0].attended_keys(150) == 151 and methods[0].attended_keys(205) == (206 + 32) // 2
 
