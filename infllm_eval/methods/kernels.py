@@ -124,10 +124,44 @@ def _split_kv(x: torch.Tensor, s: int, slot) -> torch.Tensor:
 SDPA_Q_TILE = 256  # SDPA tiles internally; the outer tile only bounds the band mask and skips invisible keys
 
 
+def _causal_flash(st: Stage, p0: int, scale: float, out: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention over every earlier key (band (0, inf), keys at positions 0..p0+L-1: full attention) on
+    torch's CPU flash kernel, with no mask at all: the keys before the call (every query sees them all) in one call
+    with the G query heads of a KV group folded into the query axis, the call's own keys in one causal call per
+    group member (square, so the kernel's top-left causal alignment is the right one, and it skips the blocks above
+    the diagonal), the two joined by their log-sum-exp. None where this does not apply (other bands or backends).
+    Masks per query tile ([tile, keys] bools, which the kernel turns into an additive float mask every call) cost
+    as much memory traffic as the scores at long contexts: this path builds none."""
+    B, H, L, D = st.q.shape
+    H_kv, T = st.k.shape[1], st.k.shape[2]
+    past = T - L
+    if st.band != (0, INF) or st.k_start != 0 or past != p0 or fused_backend(st.q.device, st.q.dtype) != "cpu-flash":
+        return None
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    G = H // H_kv
+    q = st.q.reshape(B, H_kv, G, L, D)
+    k_own, v_own = st.k[:, :, past:], st.v[:, :, past:]
+    own = [flash(q[:, :, g], k_own, v_own, is_causal=True, scale=scale)[:2] for g in range(G)]
+    o = torch.stack([x[0] for x in own], dim=2).float()  # [B, H_kv, G, L, D]
+    if past == 0:
+        out.copy_(o.view(B, H, L, D))
+        return out
+    lse = torch.stack([x[1] for x in own], dim=2).float()  # [B, H_kv, G, L]
+    o_past, lse_past = flash(q.reshape(B, H_kv, G * L, D), st.k[:, :, :past], st.v[:, :, :past], scale=scale)[:2]
+    o_past, lse_past = o_past.float().view(B, H_kv, G, L, D), lse_past.float().view(B, H_kv, G, L)
+    joint = torch.logaddexp(lse, lse_past)
+    o.mul_(torch.exp(lse - joint)[..., None]).add_(o_past.mul_(torch.exp(lse_past - joint)[..., None]))
+    out.copy_(o.view(B, H, L, D))
+    return out
+
+
 def _single_stage_sdpa(st: Stage, p0: int, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Fast path (no scores wanted, one stage): torch SDPA per query tile over the visible keys only."""
+    """Fast path (no scores wanted, one stage): full attention on CPU through `_causal_flash`, else torch SDPA per
+    query tile over the visible keys only."""
     import torch.nn.functional as F
 
+    if _causal_flash(st, p0, scale, out) is not None:
+        return out
     L, T = st.q.shape[2], st.k.shape[2]
     q_tile = SDPA_Q_TILE
     for s in range(0, L, q_tile):
