@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,8 @@ def validate(cfg: DictConfig) -> None:
     is_number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
     _need(timeout is None or (is_number and timeout > 0), "sample_timeout_s",
           "a positive number of seconds or null", timeout)
+    off = cfg.get("offload_dir")
+    _need(off is None or (isinstance(off, str) and off != ""), "offload_dir", "a directory path or null", off)
     parse_shard(cfg.get("shard"))
     _validate_run_name(cfg.run_name)
     for group in GROUPS:
@@ -377,6 +380,7 @@ def _validate_bench(b: DictConfig) -> None:
         _need(_is_int(b[key]) and b[key] > 0, f"bench.{key}", "a positive integer", b[key])
     _need(_is_int(b.prompt_build_length) and b.prompt_build_length >= 0, "bench.prompt_build_length",
           "a non-negative integer (0 = skip)", b.prompt_build_length)
+    _need(isinstance(b.get("peer"), bool), "bench.peer", "true or false", b.get("peer"))
     frac = b.memory_fraction
     _need(isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 < frac <= 1, "bench.memory_fraction",
           "a number in (0, 1]", frac)
@@ -390,6 +394,20 @@ def check_runnable(cfg: DictConfig) -> None:
     from infllm_eval.models import resolve_device_dtype
 
     resolve_device_dtype(cfg.device, cfg.dtype)
+    offload_dir(cfg)
+
+
+def offload_dir(cfg: DictConfig) -> str | None:
+    """The run's `offload_dir` as an absolute path (None when unset); refuses one that is not an existing, writable
+    directory (nothing is created for it: a scratch disk is the user's choice)."""
+    off = cfg.get("offload_dir")
+    if off is None:
+        return None
+    p = Path(str(off)).expanduser().resolve()
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"offload_dir '{off}' is not an existing writable directory; create it (on a disk with "
+                        "room for the memory units: `infllm-eval plan` says how much) or unset it.")
+    return str(p)
 
 
 def _validate_task(t: DictConfig) -> None:

@@ -83,7 +83,27 @@ def _keep_freed_memory_on_cpu() -> None:
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
+def _reset_peak_rss() -> bool:
+    """Resets the process's peak resident set (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so the
+    next `_peak_rss_bytes` is the peak since now; False where that is not possible (the peak is then the
+    process's since it started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_bytes() -> int:
+    """Peak resident set of the process: VmHWM (reset by `_reset_peak_rss`), else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -172,14 +192,14 @@ class Engine:
     """Runs one model with one context method. `generate` handles one sample at a time (batch size 1)."""
 
     def __init__(self, model, method: ContextMethod, device: torch.device, dtype: torch.dtype,
-                 local_layers: str = "native"):
+                 local_layers: str = "native", offload_dir: str | None = None):
         self.model = model
         self.inner = model.model
         self.method = method
         self.device = device
         self.layout = lay = layout(model.config)
         check_local_layers(local_layers, lay, getattr(model.config, "model_type", "?"))
-        self.spec = model_spec(model, device, dtype, lay)
+        self.spec = replace(model_spec(model, device, dtype, lay), offload_dir=offload_dir)
         method.check_rope_type(lay.rope_types[lay.rope_key(GLOBAL)])  # also refused before weights (runner)
         #: the attention of each layer: the context method on global layers, the model's own window on local ones
         #: (local_layers=native), or the method on every layer (local_layers=method: on a model with a RoPE per
@@ -438,15 +458,20 @@ class Engine:
     @torch.no_grad()
     def generate(
         self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int, stop_ids: list[int],
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, on_chunk=None,
     ) -> Generation:
-        """Greedy generation; raises SampleTimeout when `timeout_s` (None = no limit) runs out."""
+        """Greedy generation; raises SampleTimeout when `timeout_s` (None = no limit) runs out. `on_chunk(start,
+        end)` is called after each prefill chunk (progress). The peak memory is this sample's: on CUDA the
+        allocator's peak, on CPU the process's peak resident set since the sample started (where Linux can reset
+        it, else since the process started)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
         states = self.new_states()
         t0 = time.perf_counter()
         deadline = None if timeout_s is None else t0 + timeout_s
-        logits = self.prefill(states, prompt, chunk_size, deadline)
+        logits = self.prefill(states, prompt, chunk_size, deadline, on_chunk)
         self._sync()
         t1 = time.perf_counter()
         n = int(prompt.numel())
@@ -468,7 +493,13 @@ class Engine:
         peak = (
             torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
         )
-        return Generation(tokens, t1 - t0, t2 - t1, int(peak), stopped)
+        extra = {}
+        for impl, layers in self.groups:
+            stats = impl.memory_stats(_layer_states(states, layers))
+            if stats:
+                extra["memory"] = stats  # (one method instance per run records it; local_layers=method: the first)
+                break
+        return Generation(tokens, t1 - t0, t2 - t1, int(peak), stopped, extra)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

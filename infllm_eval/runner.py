@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from infllm_eval import __version__
-from infllm_eval.config import check_output_dir, parse_shard, recorded_invocation, resolved_yaml
+from infllm_eval.config import check_output_dir, offload_dir, parse_shard, recorded_invocation, resolved_yaml
 from infllm_eval.engine import Engine, SampleTimeout
 from infllm_eval.errors import UserError
 from infllm_eval.methods import ContextMethod, make_method
@@ -106,6 +106,7 @@ def prepare_cell(cfg: DictConfig, target: RunTarget) -> Cell:
     method = make_method(cfg.method)  # validates parameters
     method.check_chunk_size(int(cfg.chunk_size))
     device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
+    method.check_offload_dir(offload_dir(cfg), device.type)
     tokenizer = load_tokenizer(cfg.model)  # model config, model.path / hub cache, architecture
     # the model's rope scaling vs the method's positions; local_layers vs the model's layout
     check_method_on_model(method, cfg.model, tokenizer, str(cfg.local_layers))
@@ -161,7 +162,8 @@ def _load_weights(cfg: DictConfig, say: "_Feedback"):
 def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, say: "_Feedback",
          state: dict) -> pd.DataFrame:
     method, task, specs = cell.method, cell.task, cell.specs
-    engine = Engine(lm.model, method, lm.device, lm.dtype, local_layers=str(cfg.local_layers))
+    engine = Engine(lm.model, method, lm.device, lm.dtype, local_layers=str(cfg.local_layers),
+                    offload_dir=offload_dir(cfg))
     stop_ids = list(lm.stop_token_ids) + list(getattr(task, "extra_stop_token_ids", []) or [])
     gen = {"max_new_tokens": task.max_new_tokens, "chunk_size": cfg.chunk_size, "greedy": True}
     base_key = {
@@ -195,7 +197,7 @@ def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, sa
                 records.append(done[key])
             else:
                 rec = _run_sample(engine, task, cell.metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
-                                  timeout_s)
+                                  timeout_s, say.prefill_progress(spec))
                 rec.update(ids, key=key, cell_key=cell_key)
                 with _writing(target.dir, state):
                     store.append(rec)
@@ -279,7 +281,8 @@ def _say_interrupted(run_dir: Path, state: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None) -> dict:
+def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None, progress=None) -> dict:
+    """One sample, recorded whatever happens. `progress(done, total)`, if given, hears the prefill's progress."""
     rec = {"sample_id": spec["sample_id"], "length": spec.get("length"), "depth": spec.get("depth"),
            "n_input_tokens": None, "truncated": False, "n_dropped": 0, "prediction": None, "answers": None,
            "score": None, "status": "ok", "error": None, "prefill_s": None, "decode_s": None,
@@ -290,11 +293,16 @@ def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, tim
         rec.update(n_input_tokens=sample.n_input_tokens, truncated=sample.truncated, n_dropped=sample.n_dropped,
                    answers=sample.answers, meta=sample.meta,
                    score_fields=sample.score_fields or None)
-        g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids, timeout_s=timeout_s)
+        total = int(sample.input_ids.numel())
+        on_chunk = None if progress is None else (lambda st, end: progress(end, total))
+        g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids, timeout_s=timeout_s,
+                            on_chunk=on_chunk)
         pred = tokenizer.decode(g.tokens, skip_special_tokens=False)
         rec.update(prediction=pred, score=float(metric(pred, sample.answers, **sample.score_fields)),
                    prefill_s=round(g.prefill_s, 4), decode_s=round(g.decode_s, 4), new_tokens=len(g.tokens), stopped_by=g.stopped_by,
                    peak_mem_bytes=g.peak_mem_bytes)
+        if "memory" in g.extra:  # what the method stored and where (InfLLM: units, their bytes, dtype, storage)
+            rec["memory"] = g.extra["memory"]
     except SampleSkipped as e:  # truncation=skip and the prompt does not fit: recorded, never scored
         rec.update(status="skipped", error=str(e))
     except SampleTimeout as e:
@@ -315,9 +323,47 @@ class _Feedback:
     and finishes loading, then rich's progress bar on a terminal, or one plain line per finished sample when
     stderr is not a terminal (SLURM logs, CI), where a bar would show nothing until the cell ends."""
 
+    #: prefills shorter than this many tokens report no progress of their own (they take seconds)
+    PREFILL_PROGRESS_TOKENS = 65536
+    #: seconds between two plain progress lines of one prefill (stderr not a terminal)
+    PREFILL_LINE_S = 60.0
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
+        self._progress: Progress | None = None
+
+    def prefill_progress(self, spec: dict):
+        """For a long sample (spec's length >= PREFILL_PROGRESS_TOKENS): a callback `(done, total)` for its
+        prefill, shown as a second bar with its ETA on a terminal, or as a plain line at most every
+        PREFILL_LINE_S seconds (tokens, share, tokens/s, ETA); None otherwise."""
+        if not self.enabled or int(spec.get("length") or 0) < self.PREFILL_PROGRESS_TOKENS:
+            return None
+        t0, last = time.perf_counter(), [0.0]
+        name = f"prefill {spec.get('sample_id')}"
+        if self.tty and self._progress is not None:
+            prog, job = self._progress, [None]
+
+            def bar(done: int, total: int) -> None:
+                if job[0] is None:
+                    job[0] = prog.add_task(name, total=total, length="")
+                prog.update(job[0], completed=done, length=f"{done:,} tok")
+                if done >= total - 1:
+                    prog.remove_task(job[0])
+
+            return bar
+
+        def line(done: int, total: int) -> None:
+            now = time.perf_counter() - t0
+            if now - last[0] < self.PREFILL_LINE_S and done < total - 1:
+                return
+            last[0] = now
+            rate = done / now if now > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            print(f"  {name}: {done:,} / {total:,} tokens prefilled ({100 * done / total:.1f} %, {rate:.0f} tok/s, "
+                  f"{now:.0f} s, ETA {eta:.0f} s)", file=sys.stderr, flush=True)
+
+        return line
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -329,6 +375,7 @@ class _Feedback:
             yield lambda spec, rec, reused: None
         elif self.tty:
             with _progress() as progress:
+                self._progress = progress
                 job = progress.add_task(name, total=total, length="")
 
                 def tick(spec: dict, rec: dict, reused: bool) -> None:

@@ -90,14 +90,18 @@ def test_bench_runs_methods_side_by_side_and_writes_its_files(tmp_path):
     df, out = run_bench(["model=tiny-llama", "bench.methods=[full,infllm]", "bench.lengths=[192]",
                          "bench.decode_tokens=2", "bench.warmup_tokens=32", "bench.peak_matmul_size=256",
                          "chunk_size=64", "bench.prompt_build_length=4096", f"bench.output_dir={tmp_path}"])
-    assert list(df["method"]) == ["full", "infllm"] and set(df["status"]) == {"ok"}
+    assert list(df["method"]) == ["full", "infllm", "peer"] and set(df["status"]) == {"ok"}
     build = pd.read_csv(out / "prompt_build.csv").iloc[0]
     assert build["n_tokens"] == 4096 and build["build_s"] > 0 and "4,096 tokens" in (out / "bench.md").read_text()
     assert (df["prefill_tok_s"] > 0).all() and (df["decode_ms_per_token"] > 0).all()
     assert (df["kv_device_mb"] > 0).all() and (df["mfu"] > 0).all()
     saved = pd.read_csv(out / "bench.csv")
-    assert len(saved) == 2 and {"peak_matmul_gflop_s", "useful_gflop_s", "workspace_mb"} <= set(saved.columns)
-    assert set(saved["attention_backend"]) == {"cpu-flash"}
+    assert len(saved) == 3 and {"peak_matmul_gflop_s", "useful_gflop_s", "workspace_mb"} <= set(saved.columns)
+    assert list(saved["attention_backend"]) == ["cpu-flash", "cpu-flash", "transformers sdpa"]
+    # the peer stores what full attention stores (every token's K/V) and does full attention's work
+    by = saved.set_index("method")
+    assert by.loc["peer", "kv_device_mb"] == by.loc["full", "kv_device_mb"] > 0
+    assert by.loc["peer", "useful_gflop"] == by.loc["full", "useful_gflop"]
     peak = saved["peak_matmul_gflop_s"]  # one denominator: the best of the run's matmul measurements
     assert peak.nunique() == 1 and (peak >= saved["cell_peak_gflop_s"]).all()
     assert ((saved["mfu"] - saved["useful_gflop_s"] / peak).abs() < 1e-4).all()
@@ -152,7 +156,7 @@ def test_bench_repeats_give_one_row_each_and_a_median_summary(tmp_path):
     df, out = run_bench(["model=tiny-llama", "bench.methods=[streamingllm]", "bench.lengths=[96,128]",
                          "bench.repeats=3", "bench.decode_tokens=1", "bench.warmup_tokens=16",
                          "bench.peak_matmul_size=128", "chunk_size=64", "bench.prompt_build_length=0",
-                         f"bench.output_dir={tmp_path}"])
+                         "bench.peer=false", f"bench.output_dir={tmp_path}"])
     # repeat by repeat, each a full sweep over the lengths (drift hits both lengths alike)
     assert list(zip(df["repeat"], df["length"])) == [(0, 96), (0, 128), (1, 96), (1, 128), (2, 96), (2, 128)]
     assert set(df["status"]) == {"ok"}
@@ -171,7 +175,7 @@ def test_bench_takes_method_params_overrides_for_the_methods_it_benches(tmp_path
               "bench.peak_matmul_size=64", "chunk_size=64", "bench.prompt_build_length=0",
               f"bench.output_dir={tmp_path}"]
     df, out = run_bench([*common, "bench.methods=[infllm]", "method.params.topk=3"])
-    assert list(df["status"]) == ["ok"]
+    assert list(df["status"]) == ["ok", "ok"] and list(df["method"]) == ["infllm", "peer"]  # the peer: no override
     saved = compose(["method=infllm"])  # the default is not 3, so the written config shows the override
     assert saved.method.params.topk != 3 and "topk: 3" in (out / "config.yaml").read_text()
     with pytest.raises(UserError, match="bench.methods includes 'full'"):
@@ -188,3 +192,29 @@ def test_bench_refuses_method_equals_which_it_would_ignore(tmp_path):
         with pytest.raises(UserError, match=r"bench.methods=\["):
             run_bench(["model=tiny-llama", bad, f"bench.output_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_the_peer_is_the_transformers_forward_and_agrees_with_full_attention(arch):
+    """The peer row's runner prefills in chunks through the transformers model itself (its SDPA attention and
+    DynamicCache): its logits after the prompt and while decoding equal the engine's full attention's."""
+    from method_helpers import conf_params, prompt
+    from method_helpers import tiny as tiny_model
+
+    from infllm_eval.commands.bench import Peer
+    from infllm_eval.methods.full import FullAttention
+
+    m = tiny_model(arch)
+    ids = prompt(m, 150, seed=2)
+    peer = Peer(m, FullAttention(**conf_params("full")), torch.device("cpu"), torch.float32)
+    eng = Engine(m, FullAttention(**conf_params("full")), torch.device("cpu"), torch.float32)
+    ps, es = peer.new_states(), eng.new_states()
+    a, b = peer.prefill(ps, ids, 64), eng.prefill(es, ids, 64)
+    assert (a - b).abs().max() <= 1e-4 and a.std() > 0.5
+    for i in range(3):
+        t = torch.tensor([[int(a.argmax())]])
+        a, b = peer.forward(ps, t, 150 + i, logits=True), eng.forward(es, t, 150 + i, logits=True)
+        assert (a - b).abs().max() <= 1e-4
+    assert ps[0].get_seq_length() == 153
+    if arch == "tiny-llama":  # (Gemma 3's local layers: transformers keeps its own sliding-window cache)
+        assert peer.kv_bytes(ps)["device"] == eng.method.kv_bytes(es)["device"] > 0

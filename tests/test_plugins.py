@@ -185,7 +185,7 @@ def test_a_plugin_method_and_task_run_plan_and_bench_without_touching_the_projec
 
     df, _ = run_bench(["model=tiny-llama", "bench.methods=[toy-window,full]", "bench.lengths=[256]",
                        "bench.decode_tokens=2", "bench.warmup_tokens=32", "bench.peak_matmul_size=128",
-                       "chunk_size=64", "bench.prompt_build_length=0", f"bench.output_dir={plugin / 'bench'}"])
+                       "chunk_size=64", "bench.prompt_build_length=0", "bench.peer=false", f"bench.output_dir={plugin / 'bench'}"])
     assert list(df["method"]) == ["toy-window", "full"] and set(df["status"]) == {"ok"}
     kv = df.set_index("method")["kv_device_mb"]
     assert kv["toy-window"] < kv["full"] / 3  # 63 kept tokens against 256 + 2 decoded

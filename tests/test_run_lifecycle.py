@@ -155,6 +155,38 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert "resuming: 2 of 2 samples" in r.stderr and "[2/2] passkey passkey-L200-d1.00-0: reused" in r.stderr
 
 
+def test_a_long_sample_reports_its_prefill_progress_with_an_eta(tmp_path, monkeypatch, capsys):
+    """Inside a sample (an hour at 1M tokens): one line per prefill chunk at most every PREFILL_LINE_S seconds, with
+    tokens done / total, rate and ETA; the last chunk always reports. Here both limits are lowered."""
+    monkeypatch.setattr(runner._Feedback, "PREFILL_PROGRESS_TOKENS", 100)
+    monkeypatch.setattr(runner._Feedback, "PREFILL_LINE_S", 0.0)
+    runner.run_cell(_cfg(tmp_path, "progress=true", "chunk_size=64", "task.depths=[0.5]"))
+    lines = [x for x in capsys.readouterr().err.splitlines() if "tokens prefilled" in x]
+    n = json.loads((tmp_path / RUN_DIR / "samples.jsonl").read_text().splitlines()[0])["n_input_tokens"]
+    assert len(lines) == -(-(n - 1) // 64), lines  # one per chunk of prompt[:-1]
+    assert lines[0].strip().startswith("prefill passkey-L200-d0.50-0: 64 / ") and "ETA" in lines[0]
+    assert f"{n - 1:,} / {n:,} tokens prefilled" in lines[-1]
+    monkeypatch.setattr(runner._Feedback, "PREFILL_PROGRESS_TOKENS", 201)  # a sample shorter than it: no lines
+    runner.run_cell(_cfg(tmp_path / "short", "progress=true", "chunk_size=64", "task.depths=[0.5]"))
+    assert "tokens prefilled" not in capsys.readouterr().err
+
+
+def test_records_say_where_the_units_were_stored(tmp_path):
+    small = ["method=infllm", "method.params.n_local=64", "method.params.n_init=8", "method.params.block_size=16",
+             "method.params.exc_block_size=32", "method.params.topk=2", "method.params.max_cached_block=4",
+             "task.depths=[0.5]"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    runner.run_cell(_cfg(tmp_path, *small, f"offload_dir={scratch}", "method.params.unit_dtype=bfloat16"))
+    rec = json.loads((tmp_path / "tiny-llama/infllm/passkey/samples.jsonl").read_text().splitlines()[0])
+    assert rec["status"] == "ok" and rec["memory"]["unit_storage"] == "files"
+    assert rec["memory"]["unit_dtype"] == "bfloat16" and rec["memory"]["units"] > 0 and rec["peak_mem_bytes"] > 0
+    assert "offload_dir: " + str(scratch) in (tmp_path / "tiny-llama/infllm/passkey/config.yaml").read_text()
+    assert list(scratch.iterdir()) == []
+    runner.run_cell(_cfg(tmp_path / "full", "task.depths=[0.5]"))
+    assert "memory" not in json.loads((tmp_path / "full" / RUN_DIR / "samples.jsonl").read_text().splitlines()[0])
+
+
 # -- 7. Ctrl-C --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; scancel or a SLURM time limit
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, sig):

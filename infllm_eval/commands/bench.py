@@ -19,6 +19,9 @@ decoded greedily. Measured per (method, length):
 - the last prefill chunk alone (`last_chunk_tok_s`, `last_chunk_mfu`): the per-token cost at that length once
   the method's memory has filled, where the whole-prompt figure also averages over the cheaper first chunks.
 
+With `bench.peer` a `peer` row joins each length: the transformers model's own forward (SDPA, DynamicCache, same
+chunks; `Peer`), what users would run instead, measured by the same code as the methods.
+
 Every (method, length) cell runs in a fresh process (so peak memory is its own) after an untimed warm-up prefill
 of `bench.warmup_tokens`. A (method, length) whose K/V, as the method estimates it (`memory_model`), would not fit
 in `bench.memory_fraction` of the available memory is recorded as `skipped` with the estimate. Results go to
@@ -39,7 +42,7 @@ import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from infllm_eval.config import check_runnable, compose
+from infllm_eval.config import check_runnable, compose, offload_dir
 from infllm_eval.engine import Engine
 from infllm_eval.errors import UserError
 from infllm_eval.methods import make_method
@@ -109,12 +112,15 @@ def useful_flops(engine: Engine, start: int, n: int, with_lm_head: int) -> float
 def kv_need_bytes(engine: Engine, length: int, chunk_size: int) -> int:
     """The K/V the method says it keeps at `length` tokens (`memory_model`) in the memory this run measures: the
     device's, plus host memory on CPU, where the two are one."""
-    s = engine.spec
-    tokens = 0  # summed over layers
+    from infllm_eval.commands.plan import kv_bytes_model
+
+    s, total, cpu = engine.spec, 0, engine.device.type == "cpu"
     for impl, layers in engine.attention_groups():
         mem = impl.memory_model(length, min(chunk_size, length), engine.device.type)
-        tokens += len(layers) * (mem["device_tokens"] + (mem["host_tokens"] if engine.device.type == "cpu" else 0))
-    return 2 * s.n_kv_heads * s.head_dim * tokens * torch.finfo(s.dtype).bits // 8
+        kv = kv_bytes_model(mem, len(layers), s.n_heads, s.n_kv_heads, s.head_dim, torch.finfo(s.dtype).bits // 8,
+                            s.offload_dir is not None)
+        total += kv["device"] + (kv["host"] if cpu else 0)
+    return total
 
 
 def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: int) -> dict:
@@ -147,8 +153,8 @@ def _measure(engine: Engine, ids: torch.Tensor, chunk_size: int, decode_tokens: 
             _sync(dev)
             step_s.append(time.perf_counter() - t)
     kv = {"device": 0, "offloaded": 0}
-    for impl, layers in engine.attention_groups():
-        for where, b in impl.kv_bytes([states[i] for i in layers]).items():
+    for impl, layers in ([(engine, None)] if isinstance(engine, Peer) else engine.attention_groups()):
+        for where, b in impl.kv_bytes(states if layers is None else [states[i] for i in layers]).items():
             kv[where] += b
     del states
     prefill_s = t1 - t0
@@ -235,7 +241,10 @@ def _is_method_override(o: str) -> bool:
 
 def compose_method(overrides: list[str], method: str) -> DictConfig:
     """The config of one bench method: the overrides (`run_bench` refused any `method=` in them) with
-    `method=<method>`, so `method.params.*` overrides apply to it."""
+    `method=<method>`, so `method.params.*` overrides apply to it. PEER: full attention's config without the
+    method overrides (the peer has no method; chunk size, model, dtype and seed are what it shares)."""
+    if method == PEER:
+        return compose([*(o for o in overrides if not _is_method_override(o)), "method=full"])
     try:
         return compose([*overrides, f"method={method}"])
     except UserError as e:
@@ -245,13 +254,69 @@ def compose_method(overrides: list[str], method: str) -> DictConfig:
                         f"without the override, or list in bench.methods only methods that take it.") from e
 
 
+#: the name of the `bench.peer` rows: the transformers model's own forward, no harness engine
+PEER = "peer"
+
+
+class Peer:
+    """What a user would run instead of the harness: the transformers model's own forward with its SDPA attention
+    and its DynamicCache, prefilling in the same `chunk_size` chunks (the LM head on the last position of each
+    call only: `logits_to_keep=1`), then decoding one token per call. It offers the part of the Engine interface
+    `_measure` uses, so the peer rows are measured by the same code as the methods' rows; its work is counted as
+    full attention's (`attention_groups`: every layer attends to every earlier key; a model with sliding-window
+    layers computes less, so its peer MFU is an upper bound)."""
+
+    def __init__(self, model, full, device: torch.device, dtype: torch.dtype):
+        from infllm_eval.engine import model_spec
+
+        self.model, self.device = model, device
+        model.set_attn_implementation("sdpa")
+        self.spec = model_spec(model, device, dtype)
+        self.full = full
+        full.bind(model, self.spec)  # only its attended_keys / memory_model are used
+
+    def attention_groups(self):
+        return [(self.full, list(range(self.spec.n_layers)))]
+
+    def new_states(self):
+        from transformers import DynamicCache
+
+        return [DynamicCache(config=self.model.config)]
+
+    @torch.no_grad()
+    def forward(self, states, ids: torch.Tensor, start: int, logits: bool):
+        assert states[0].get_seq_length() == start
+        out = self.model(ids.to(self.device), cache=states[0], use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float() if logits else None
+
+    def prefill(self, states, prompt: torch.Tensor, chunk_size: int, deadline=None, on_chunk=None):
+        ids = prompt.view(1, -1)
+        n = ids.shape[1]
+        for st in range(0, n - 1, chunk_size):
+            self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
+            if on_chunk is not None:
+                on_chunk(st, min(st + chunk_size, n - 1))
+        return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
+
+    def kv_bytes(self, states) -> dict[str, int]:
+        from infllm_eval.methods.base import stored_bytes
+
+        return {"device": stored_bytes(states[0]), "offloaded": 0}
+
+
 def _cell(overrides: list[str], method: str, length: int, results) -> None:
-    """One (method, length) measurement in a fresh process, so its peak memory is its own."""
+    """One (method, length) measurement in a fresh process, so its peak memory is its own. `method` PEER: the
+    transformers forward (`Peer`), with full attention's config for chunk size, seed and its work count."""
     try:
         cfg = compose_method(overrides, method)
         b = cfg.bench
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        eng = Engine(lm.model, make_method(cfg.method), lm.device, lm.dtype, local_layers=str(cfg.local_layers))
+        if method == PEER:
+            eng = Peer(lm.model, make_method(cfg.method), lm.device, lm.dtype)
+        else:
+            m = make_method(cfg.method)
+            eng = Engine(lm.model, m, lm.device, lm.dtype, local_layers=str(cfg.local_layers),
+                         offload_dir=offload_dir(cfg) if m.stores_units else None)
         vocab = lm.model.config.vocab_size
         warm_up(eng, cfg)
         cell_peak = matmul_peak_flops(lm.device, lm.dtype, int(b.peak_matmul_size))
@@ -259,7 +324,8 @@ def _cell(overrides: list[str], method: str, length: int, results) -> None:
         need = kv_need_bytes(eng, length, int(cfg.chunk_size))
         row = {"device": device_name(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                "chunk_size": int(cfg.chunk_size),
-               "attention_backend": eng.method.attention_backend(lm.device, lm.dtype),
+               "attention_backend": "transformers sdpa" if method == PEER else
+               eng.method.attention_backend(lm.device, lm.dtype),
                "cell_peak_gflop_s": round(cell_peak / 1e9, 3), "status": "ok"}
         if need > float(b.memory_fraction) * avail:
             row["status"] = f"skipped: K/V needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
@@ -325,8 +391,14 @@ def run_bench(overrides: list[str], on_row=None) -> tuple[pd.DataFrame, Path]:
     methods = list(b.methods)
     lengths = sorted(int(x) for x in b.lengths)
     cfgs = {m: compose_method(overrides, m) for m in methods}
+    if b.peer:  # the transformers forward, interleaved with the methods like one of them
+        cfgs[PEER] = compose_method(overrides, PEER)
+        methods.append(PEER)
     for cfg in cfgs.values():  # every method validated before any weights load
         make_method(cfg.method)
+    if probe.get("offload_dir") is not None and not any(make_method(cfgs[m].method).stores_units for m in methods):
+        raise UserError("offload_dir is set, but none of bench.methods keeps memory units for it to hold "
+                        "(only infllm does); unset offload_dir or bench infllm.")
     base = cfgs[methods[0]]  # model, device, seed and the written config; its method node is the first method's
     out = Path(b.output_dir)
     out.mkdir(parents=True, exist_ok=True)

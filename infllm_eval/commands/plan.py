@@ -143,31 +143,50 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
     L, H, Hkv, D = s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
     T = length + _max_new_tokens(cfg)
     C = min(int(cfg.chunk_size), length)
-    kv = 2 * Hkv * D * b  # per token per layer
     mem = method.memory_model(T, C, device)
-    device_tokens, host_tokens = mem["device_tokens"] * L, mem["host_tokens"] * L
+    off = cfg.get("offload_dir") is not None
+    kv = kv_bytes_model(mem, L, H, Hkv, D, b, off)
     if s["sliding_window"] and str(cfg.local_layers) == "native":
         from infllm_eval.layout import LOCAL
         from infllm_eval.methods.sliding import SlidingWindowAttention
 
         n_local = s["layer_types"].count(LOCAL)
         local = SlidingWindowAttention(s["sliding_window"], fattn=True, q_tile=method.q_tile).memory_model(T, C, device)
-        n_method = L - n_local
-        device_tokens = mem["device_tokens"] * n_method + local["device_tokens"] * n_local
-        host_tokens = mem["host_tokens"] * n_method
+        kv = kv_bytes_model(mem, L - n_local, H, Hkv, D, b, off)
+        kv = {k: kv[k] + v for k, v in kv_bytes_model(local, n_local, H, Hkv, D, b, False).items()}
     work = H * min(method.q_tile, C) * mem["workspace_keys"] * 4
     work += C * (2 * s["hidden_size"] + (H + 2 * Hkv) * D + 3 * s["intermediate_size"]) * b
     work += s["vocab_size"] * 4
     weights = n_params(s) * b
-    kv_device, kv_host = device_tokens * kv, host_tokens * kv
     return {
         "dtype": dtype,
         "weights": weights,
-        "kv_device": kv_device,
-        "kv_host": kv_host,
+        "kv_device": kv["device"],
+        "kv_host": kv["host"],
+        "kv_disk": kv["disk"],
         "workspace": work,
-        "peak": weights + kv_device + work + (kv_host if device == "cpu" else 0),
+        "peak": weights + kv["device"] + work + (kv["host"] if device == "cpu" else 0),
     }
+
+
+def kv_bytes_model(mem: dict, n_layers: int, H: int, Hkv: int, D: int, b: int, offload_dir: bool) -> dict[str, int]:
+    """Bytes a method's `memory_model` (per layer) comes to over `n_layers` layers of K/V heads Hkv x D with
+    b-byte elements: on the device, in host memory, on disk. Memory units (`unit_tokens`, inside the device or
+    host tokens as `units_on` says) count in their `unit_dtype` (None: b bytes) and, with an offload_dir, on disk;
+    representative vectors (`repr_vectors`, n_heads x D each, compute dtype) where `repr_on` says (default the
+    device), never on disk (every lookup scores them all)."""
+    per_token = 2 * Hkv * D
+    dev, host = mem["device_tokens"], mem["host_tokens"]
+    units, where = mem.get("unit_tokens", 0), mem.get("units_on", "device")
+    if where == "host":
+        host -= units
+    else:
+        dev -= units
+    out = {"device": dev * per_token * b, "host": host * per_token * b, "disk": 0}
+    ub = DTYPE_BYTES[mem["unit_dtype"]] if mem.get("unit_dtype") else b
+    out["disk" if offload_dir else where] += units * per_token * ub
+    out[mem.get("repr_on", "device")] += mem.get("repr_vectors", 0) * H * D * b
+    return {k: v * n_layers for k, v in out.items()}
 
 
 def _max_new_tokens(cfg: DictConfig) -> int:
@@ -248,10 +267,12 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None,
         budget = budget_bytes(budget_gb, device)
         lengths, per, note = _samples_per_length(cfg)
         shard = parse_shard(cfg.get("shard"))
+        disk_free = _disk_free(cfg.get("offload_dir"))
         for length in lengths:
             n = per if not shard else len(range(shard[0], per, shard[1]))
             e = estimate(cfg, length, device)
             host = e["peak"] if device == "cpu" else e["kv_host"]  # on CPU the device memory is host memory
+            fits_disk = disk_free is None or e["kv_disk"] <= disk_free
             rows.append(
                 {
                     "cell": cell,
@@ -268,11 +289,24 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None,
                     "host_budget": host_budget,
                     "fits_device": e["peak"] <= budget,
                     "fits_host": host <= host_budget,
-                    "fits": e["peak"] <= budget and host <= host_budget,
+                    "disk_free": disk_free,
+                    "fits_disk": fits_disk,
+                    "fits": e["peak"] <= budget and host <= host_budget and fits_disk,
+                    "stores_units": make_method(cfg.method).stores_units,
                     "note": note,
                 }
             )
     return rows
+
+
+def _disk_free(offload_dir) -> int | None:
+    """Free bytes where the units would go (offload_dir), None when unset or not on this machine (not checked)."""
+    if offload_dir is None:
+        return None
+    import shutil
+
+    p = Path(str(offload_dir)).expanduser()
+    return shutil.disk_usage(p).free if p.is_dir() else None
 
 
 def _gib(x: float) -> str:
@@ -281,13 +315,13 @@ def _gib(x: float) -> str:
 
 def plan_markdown(rows: list[dict]) -> str:
     cols = ["model", "method", "task", "length", "samples", "tokens", "device", "dtype", "weights GiB",
-            "KV device GiB", "KV host GiB", "workspace GiB", "peak GiB", "host GiB", "device fits", "host fits",
-            "note"]
+            "KV device GiB", "KV host GiB", "KV disk GiB", "workspace GiB", "peak GiB", "host GiB", "device fits",
+            "host fits", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = [r["model"], r["method"], r["task"], r["length"], r["samples"] or "data", r["tokens"] or "",
                 r["device"], r["dtype"], _gib(r["weights"]), _gib(r["kv_device"]), _gib(r["kv_host"]),
-                _gib(r["workspace"]), _gib(r["peak"]), _gib(r["host"]), _yes(r["fits_device"]),
+                _gib(r["kv_disk"]), _gib(r["workspace"]), _gib(r["peak"]), _gib(r["host"]), _yes(r["fits_device"]),
                 _yes(r["fits_host"]), r["note"]]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     n_cells = len({r["cell"] for r in rows})
@@ -309,5 +343,8 @@ def _yes(fits: bool) -> str:
 
 def _why(r: dict) -> str:
     parts = [f"{_gib(r['peak'])} GiB device" if not r["fits_device"] else "",
-             f"{_gib(r['host'])} GiB host" if not r["fits_host"] else ""]
+             f"{_gib(r['host'])} GiB host" + ("; offload_dir=DIR puts its units on disk" if r["stores_units"]
+                                              and not r["kv_disk"] else "") if not r["fits_host"] else "",
+             f"{_gib(r['kv_disk'])} GiB on disk, {_gib(r['disk_free'] or 0)} GiB free in offload_dir"
+             if not r["fits_disk"] else ""]
     return ", ".join(p for p in parts if p)

@@ -37,6 +37,7 @@ class ModelSpec:
     attn_softcap: float | None = None  # Gemma 2's attention logit soft-capping; None = none
     rope_layer_type: str | None = None  # the layer type whose RoPE the method's layers use (Gemma 3); None = one RoPE
     layers: tuple[int, ...] | None = None  # the layers the method runs on, in order (mixed layouts); None = all
+    offload_dir: str | None = None  # the run's `offload_dir`: a directory for file-backed unit storage, or None
 
     @property
     def first_layer(self) -> int:
@@ -62,6 +63,10 @@ class ContextMethod:
     #: whether the method rotates keys that are already rotated (RoPE is relative: rot(rot(k, a), b) = rot(k, a + b)),
     #: which fails for rope types whose cos / sin carry an attention factor (yarn, longrope): it is applied twice
     composes_rotations: ClassVar[bool] = False
+
+    #: whether the method keeps long-lived K/V in unit storage (`memory.UnitStore`) that the run's `offload_dir`
+    #: moves into files; a method without it refuses offload_dir (the key would change nothing)
+    stores_units: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params = params
@@ -183,6 +188,12 @@ class ContextMethod:
         `wants_token_nll`."""
         raise NotImplementedError
 
+    def check_offload_dir(self, offload_dir: str | None, device: str) -> None:
+        """Refuses a set `offload_dir` the method would not use (before weights load; `bind` calls it again)."""
+        if offload_dir is not None and not self.stores_units:
+            raise UserError(f"offload_dir is set, but method {self.name} keeps no memory units for it to hold "
+                            "(only infllm does); unset offload_dir for this method.")
+
     # -- accounting for `infllm-eval plan` and `infllm-eval bench` ----------------------------------------------
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
         """What this method keeps per layer once the context holds `length` tokens (prompt + generated), prefilled in
@@ -196,6 +207,10 @@ class ContextMethod:
     def attended_keys(self, p: int) -> int:
         """How many keys the query at absolute position p attends to (the attention work this method does)."""
         return p + 1
+
+    def memory_stats(self, states: list) -> dict[str, Any]:
+        """What the method stored in this sample, for its record (`memory`); {} records nothing."""
+        return {}
 
     def kv_bytes(self, states: list) -> dict[str, int]:
         """Bytes of the K/V the states hold (tokens stored, not buffer capacity) on the compute device and

@@ -56,6 +56,10 @@ from infllm_eval.methods.kernels import INF, Stage, multi_stage_attention
 from infllm_eval.methods.memory import SideStream, SlidingKV, UnitStore
 
 
+#: method.params.unit_dtype: the dtype memory units are stored in (null: the run's compute dtype)
+UNIT_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def rank(score: torch.Tensor) -> torch.Tensor:
     """Indices along the last dimension, best score first; equal scores by lower index first. `torch.topk` (the
     reference's choice) orders equal scores as its kernel happens to, which differs across devices and
@@ -82,9 +86,10 @@ class InfLLM(ContextMethod):
     param_names = ("n_init", "n_local", "topk", "block_size", "repr_topk", "exc_block_size", "max_cached_block",
                    "cache_strategy", "score_decay", "chunk_topk_calc", "perhead", "base", "distance_scale",
                    "global_distance", "prefill_mask_fix", "offload", "neighbor_units", "neighbor_extra", "head_reduce",
-                   "pin_memory", "async_global_stream", "faiss")
+                   "pin_memory", "async_global_stream", "faiss", "unit_dtype")
     neutral = {"head_reduce": "sum", "neighbor_extra": False, "pin_memory": True, "async_global_stream": False,
-               "faiss": False}
+               "faiss": False, "unit_dtype": None}
+    stores_units = True  # offload_dir applies: the units go to files there
     observer = None  # see "Observation hook" above
 
     def validate(self) -> None:
@@ -124,6 +129,9 @@ class InfLLM(ContextMethod):
         for key in ("pin_memory", "async_global_stream", "faiss"):
             if not isinstance(p[key], bool):
                 raise UserError(f"method.params.{key} must be true or false, got {p[key]!r}.")
+        if p["unit_dtype"] not in UNIT_DTYPES:
+            raise UserError(f"method.params.unit_dtype must be null (the compute dtype) or one of "
+                            f"{', '.join(k for k in UNIT_DTYPES if k)}, got {p['unit_dtype']!r}.")
         if p["offload"] not in ("auto", True, False):
             raise UserError(f"method.params.offload must be auto, true or false, got {p['offload']!r}.")
 
@@ -159,6 +167,15 @@ class InfLLM(ContextMethod):
         self.group = spec.n_heads // spec.n_kv_heads
         async_copies = self.offload and spec.device.type == "cuda" and bool(p["async_global_stream"])
         self.side = SideStream(spec.device) if async_copies else None  # one per run, shared by the layers
+        self.unit_dtype = UNIT_DTYPES[p["unit_dtype"]]
+        self.check_offload_dir(spec.offload_dir, spec.device.type)
+
+    def check_offload_dir(self, offload_dir: str | None, device: str) -> None:
+        super().check_offload_dir(offload_dir, device)
+        if offload_dir is not None and device == "cuda" and not self.offloads(device):
+            raise UserError("offload_dir holds memory units that live in host memory, but on CUDA with "
+                            "method.params.offload=false they stay on the GPU; set offload to auto or true, or "
+                            "unset offload_dir.")
 
     def describe(self) -> dict:
         return {**super().describe(), "prefill_mask_fix": bool(self.params["prefill_mask_fix"]),
@@ -178,7 +195,8 @@ class InfLLM(ContextMethod):
             p = self.params
             state["units"] = UnitStore(k, self.spec.n_heads, self.block_size, self.offload, p["max_cached_block"],
                                        p["cache_strategy"], p["score_decay"], pin_memory=p["pin_memory"],
-                                       side=self.side, repr_on_host=bool(p["faiss"]))
+                                       side=self.side, repr_on_host=bool(p["faiss"]), unit_dtype=self.unit_dtype,
+                                       scratch=self.spec.offload_dir)
             state["rem"].before_overwrite = state["units"].settle_writes
         rem: SlidingKV = state["rem"]
         units: UnitStore = state["units"]
@@ -350,7 +368,9 @@ class InfLLM(ContextMethod):
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
         """On the device: the remainder buffer (local window + not-yet-packed tokens, its capacity in `attend`), the
         initial tokens and the cached units (max(topk, max_cached_block) of them when offloading, else every unit);
-        with offloading, every unit (length - n_local - n_init tokens) in host memory. A query tile is
+        with offloading, every unit (length - n_local - n_init tokens) in host memory (`unit_tokens`, stored in
+        `unit_dtype`; with an offload_dir `plan` counts them on disk), and one representative vector per unit
+        (`repr_vectors`, n_heads x head_dim in the compute dtype). A query tile is
         scored against the window, the initial tokens, topk units and one execution block of remainder."""
         p = self.params
         window = 2 * (p["n_local"] + p["block_size"] + p["exc_block_size"]) + p["n_init"]
@@ -359,16 +379,26 @@ class InfLLM(ContextMethod):
         cached = min(units, max(p["topk"], p["max_cached_block"]) * p["block_size"]) if offload else units
         keys = p["n_local"] + p["n_init"] + p["topk"] * p["block_size"] + p["exc_block_size"]
         return {"device_tokens": window + cached, "host_tokens": units if offload else 0,
-                "workspace_keys": min(keys, length)}
+                "workspace_keys": min(keys, length),
+                # the units (inside the host or device tokens), stored in unit_dtype; one representative vector each
+                "unit_tokens": units, "units_on": "host" if offload else "device", "unit_dtype": p["unit_dtype"],
+                "repr_vectors": units // p["block_size"], "repr_on": "host" if p["faiss"] else "device"}
 
     def kv_bytes(self, states: list) -> dict[str, int]:
         """Stored tokens' K/V: units offloaded to the host count as offloaded; everything else (window and
         remainder, initial tokens, representative vectors, occupied device cache slots) as on the device."""
         device = super().kv_bytes(states)["device"]  # UnitStore.nbytes() counts only its device part
-        off = sum(u.nbytes_host() for u in (s["units"] for s in states) if u is not None and u.offload)
+        off = sum(u.nbytes_host() for u in (s["units"] for s in states)
+                  if u is not None and (u.offload or u.scratch is not None))
         return {"device": device, "offloaded": off}
 
     def memory_stats(self, states: list) -> dict[str, Any]:
+        """Units stored (over layers), their bytes in the storage dtype, where they were kept (`memory`, or `files`
+        under offload_dir), and with offload the device cache's hits and misses."""
         units = [s["units"] for s in states if s["units"] is not None]
-        return {"units": sum(u.n for u in units), "unit_bytes": sum(u.nbytes_host() for u in units),
-                "cache_hits": sum(u.hits for u in units), "cache_misses": sum(u.misses for u in units)}
+        stats = {"units": sum(u.n for u in units), "unit_bytes": sum(u.nbytes_host() for u in units),
+                 "unit_dtype": str(self.unit_dtype or self.spec.dtype).removeprefix("torch."),
+                 "unit_storage": "files" if self.spec.offload_dir is not None else "memory"}
+        if self.offload:
+            stats.update(cache_hits=sum(u.hits for u in units), cache_misses=sum(u.misses for u in units))
+        return stats

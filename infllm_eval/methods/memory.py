@@ -10,9 +10,20 @@ and query head. With `offload` the units live in host memory (pinned on CUDA wit
 policies. The policy decides which units stay resident; it never changes which units are attended, so it changes
 speed, never outputs. `SideStream` (the reference's `async_global_stream`) moves those copies to a second CUDA
 stream.
+
+Unit storage past RAM (`UnitStore(unit_dtype=, scratch=)`): units may be stored in a narrower dtype than the one
+attention computes in (`unit_dtype`, e.g. bfloat16 for an fp32 run: half the bytes; a gather converts them back),
+and their slabs may be memory maps of files under a scratch directory (`scratch`, the run's `offload_dir`) instead
+of anonymous memory: the operating system then writes them to disk and pages them in when read. A unit's pages
+leave the process's resident set as soon as it is written and after each read (`madvise(MADV_DONTNEED)`: for a
+shared file map that drops the mapping, never the data), so the process's peak memory no longer grows with the
+context; the page cache, which the kernel reclaims under pressure, holds what was recently used.
 """
 
 from __future__ import annotations
+
+import math
+import mmap
 
 import torch
 
@@ -39,13 +50,46 @@ SLAB_BYTES = 64 * 2**20  # CPU memory-unit slabs (virtual: only written units ar
 def host_slab(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in its own anonymous memory map: pages become resident when written and go back
     to the OS when the tensor (and every view of it) is freed. glibc would serve a large block from free heap
-    memory that is already resident (the engine keeps freed memory in the heap), tail included."""
-    import math
-    import mmap
+    memory that is already resident (the engine keeps freed memory in the heap), tail included. (`FileSlab`: the
+    same in a map of a file.)"""
+    return _frombuffer(mmap.mmap(-1, max(_nbytes(shape, dtype), 1)), shape, dtype)
 
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=numel).view(shape)
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _frombuffer(buf, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
+class FileSlab:
+    """A CPU tensor in a shared memory map of an unnamed file under `scratch` (`tempfile.TemporaryFile`: unlinked
+    at once, so a killed run leaves nothing on disk; its blocks are freed when the map is). `release(a, b)` drops
+    bytes [a, b) of the tensor, and the pages around them that a read may have mapped, from the process's resident
+    set; the data stay in the file and the page cache (for a shared file map MADV_DONTNEED drops the mapping, not
+    the contents), and the next read pages them in again."""
+
+    PAGE = mmap.PAGESIZE
+    #: Linux maps up to this many bytes of cached pages around a read fault (`fault_around_bytes`, default 64 KiB,
+    #: aligned to it): `release` widens its range to that alignment, so neighbours mapped by a read go too
+    FAULT_AROUND = 65536
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, scratch: str):
+        import tempfile
+
+        nbytes = max(_nbytes(shape, dtype), 1)
+        with tempfile.TemporaryFile(dir=scratch, prefix="infllm-eval-units-") as f:
+            f.truncate(nbytes)  # sparse: blocks are allocated as pages are written
+            self.map = mmap.mmap(f.fileno(), nbytes)  # the map keeps its own descriptor
+        self.tensor = _frombuffer(self.map, shape, dtype)
+
+    def release(self, start: int, end: int) -> None:
+        """Bytes [start, end) widened to FAULT_AROUND alignment (within the map) leave the resident set."""
+        a = start // self.FAULT_AROUND * self.FAULT_AROUND
+        b = min(-(-end // self.FAULT_AROUND) * self.FAULT_AROUND, len(self.map) // self.PAGE * self.PAGE)
+        if b > a:
+            self.map.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -152,11 +196,16 @@ class UnitStore:
 
     def __init__(self, like_k, n_heads: int, block_size: int, offload: bool, max_cached_block: int,
                  cache_strategy: str, score_decay: float | None, pin_memory: bool = True,
-                 side: SideStream | None = None, repr_on_host: bool = False):
+                 side: SideStream | None = None, repr_on_host: bool = False, unit_dtype: torch.dtype | None = None,
+                 scratch: str | None = None):
         B, Hkv, _, D = like_k.shape
         self.block_size, self.offload = block_size, offload
         self.device = like_k.device
-        self.pin = offload and like_k.device.type == "cuda" and pin_memory
+        self.dtype = like_k.dtype  # what gather returns (attention's dtype)
+        self.unit_dtype = unit_dtype or like_k.dtype  # what the slabs store
+        # file-backed slabs under `scratch` hold units that live in host memory (CPU, or CUDA with offload)
+        self.scratch = scratch if (offload or like_k.device.type == "cpu") else None
+        self.pin = offload and like_k.device.type == "cuda" and pin_memory and self.scratch is None
         # with offload: unit copies on the side stream (InfLLM makes one on CUDA); `written` / `loaded` mark the
         # last copies of new units to the host and of units into device slots
         self.side = side if offload else None
@@ -164,9 +213,10 @@ class UnitStore:
         self.staged: tuple[list[int], list[int]] | None = None  # (ids, slots) of the last `load`
         self.unit_shape = (B, Hkv, block_size, D)
         self.mapped = (offload and not self.pin) or like_k.device.type == "cpu"
-        unit_bytes = B * Hkv * block_size * D * like_k.element_size()
+        unit_bytes = _nbytes(self.unit_shape, self.unit_dtype)
         self.slab_units = max(64, SLAB_BYTES // unit_bytes) if self.mapped else 64
         self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (K, V) [slab_units, B, H_kv, block_size, D]
+        self.files: list[tuple[FileSlab, FileSlab]] = []  # with scratch: the slabs' file maps (to release pages)
         self.unit_bytes = 2 * unit_bytes  # K and V
         # faiss (reference): the representative vectors in host memory, scored there
         self._repr = _buffer((16, B, n_heads, D), like_k.dtype,
@@ -186,16 +236,22 @@ class UnitStore:
         """k/v [B, H_kv, block_size, D] (copied: callers pass views of their window), rep [B, H, D]."""
         i = self.n % self.slab_units
         if i == 0:
-            shape = (self.slab_units, *self.unit_shape)
-            self.slabs.append(tuple(host_slab(shape, k.dtype) if self.mapped else
-                                    torch.empty(shape, dtype=k.dtype, device="cpu" if self.offload else self.device,
-                                                pin_memory=self.pin) for _ in range(2)))
+            shape, dt = (self.slab_units, *self.unit_shape), self.unit_dtype
+            if self.scratch is not None:
+                files = (FileSlab(shape, dt, self.scratch), FileSlab(shape, dt, self.scratch))
+                self.files.append(files)
+                self.slabs.append((files[0].tensor, files[1].tensor))
+            else:
+                self.slabs.append(tuple(host_slab(shape, dt) if self.mapped else
+                                        torch.empty(shape, dtype=dt, device="cpu" if self.offload else self.device,
+                                                    pin_memory=self.pin) for _ in range(2)))
         sk, sv = self.slabs[-1]
         if self.side is not None:
             self.written = self.side.copy([(sk[i], k), (sv[i], v)])
         else:
             sk[i].copy_(k, non_blocking=True)
             sv[i].copy_(v, non_blocking=True)
+            self._release([self.n])  # (a side-stream copy may still be writing: its pages leave on the next read)
         if self.n == self._repr.shape[0]:  # x1.5; a few KB per unit. On CPU a memory map (`_buffer`): its unwritten
             # tail is not resident and the old one goes back to the OS, where heap tensors left their unused tail and
             # the freed old one behind (probes/memory_probe.py 65536 topk=16: workspace +29 MB at 49K tokens)
@@ -210,8 +266,20 @@ class UnitStore:
         return self._repr[: self.n]  # [U, B, H, D]
 
     def nbytes_host(self) -> int:
-        """Bytes of the stored units' K/V (in host memory with offload, else on the device)."""
+        """Bytes of the stored units' K/V in their storage dtype (in host memory or files with offload, else on
+        the device)."""
         return self.n * self.unit_bytes
+
+    def _release(self, ids: list[int]) -> None:
+        """File-backed slabs: units `ids` leave the process's resident set (their data stay in the files)."""
+        if not self.files:
+            return
+        per = self.unit_bytes // 2
+        for u in ids:
+            fk, fv = self.files[u // self.slab_units]
+            a = (u % self.slab_units) * per
+            fk.release(a, a + per)
+            fv.release(a, a + per)
 
     def unit_kv(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit u's stored K, V [B, H_kv, block_size, D] (views into its slab)."""
@@ -219,11 +287,11 @@ class UnitStore:
         return sk[u % self.slab_units], sv[u % self.slab_units]
 
     def nbytes(self) -> int:
-        """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload) or the
-        occupied cache slots (with offload)."""
+        """Bytes on the compute device: the representative vectors, plus the units' K/V (without offload, unless
+        they are in files under `scratch`) or the occupied cache slots (with offload)."""
         reprs = self.n * self._repr[0].numel() * self._repr.element_size() if self._repr.device == self.device else 0
         if not self.offload:
-            return reprs + self.nbytes_host()
+            return reprs + (0 if self.scratch is not None else self.nbytes_host())
         return reprs + 2 * len(self.slot_of) * self.slot_k[0].numel() * self.slot_k.element_size()
 
     def gather(self, ids: list[int], tail: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -234,13 +302,29 @@ class UnitStore:
             slots = staged[1] if staged is not None and staged[0] == list(ids) else self._load(ids)
             if self.side is not None:
                 self.side.wait(self.loaded)
-            ks, vs = [self.slot_k[s] for s in slots], [self.slot_v[s] for s in slots]
+            ks, vs = [self.slot_k[s] for s in slots], [self.slot_v[s] for s in slots]  # compute dtype
+        elif self.unit_dtype != self.dtype:  # narrower storage: one conversion into the compute dtype
+            n, T = len(ids) * self.block_size, 0 if tail is None else tail[0].shape[2]
+            out = []
+            for i in range(2):
+                o = torch.empty((*self.unit_shape[:2], n + T, self.unit_shape[3]), dtype=self.dtype,
+                                device=self.device)
+                if ids:
+                    torch.cat([self.unit_kv(u)[i] for u in ids], dim=2, out=o[:, :, :n])
+                if T:
+                    o[:, :, n:] = tail[i]
+                out.append(o)
+            self._release(ids)
+            return out[0], out[1]
         else:
             pairs = [self.unit_kv(u) for u in ids]
             ks, vs = [k for k, _ in pairs], [v for _, v in pairs]
         if tail is not None:
             ks, vs = ks + [tail[0]], vs + [tail[1]]
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        if not self.offload:
+            self._release(ids)
+        return k, v
 
     def settle_writes(self) -> None:
         """The compute stream waits for the side stream's copies of new units (before their source is overwritten)."""
@@ -274,6 +358,7 @@ class UnitStore:
         else:
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
+            self._release(missing)
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
         for u in ids:  # lru: recency counter; lru-s: reset, then decayed and credited with attention mass
