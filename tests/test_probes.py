@@ -62,3 +62,30 @@ def test_sirllm_kept_follows_positions_through_evictions_and_restores_the_method
     assert facts["cached"] <= 256 and len(rows) == facts["n"]
     assert {r[0] for r in rows} == set(range(facts["at"], facts["at"] + facts["n"]))
     assert all((r[3] is None) == (not r[2]) for r in rows)  # an entropy exactly for the kept ones
+
+
+def test_unit_dtype_diff_compares_every_position_and_sees_the_rounding(capsys):
+    from probes import unit_dtype_diff
+
+    unit_dtype_diff.main(["1024", "0.5", *TINY])
+    out = capsys.readouterr().out.splitlines()
+    assert "units in the compute dtype (torch.float32)" in out[0]
+    bf16 = next(x for x in out if "units in bfloat16" in x)
+    diff = float(bf16.split("max |dlogit| ")[1].split()[0])
+    assert 0 < diff < 0.05  # units really rounded (many units at this length), and only by rounding
+    assert any("units in float16" in x for x in out)
+
+
+def test_plan_vs_peak_puts_the_estimate_beside_each_sample(tmp_path, capsys):
+    from infllm_eval import runner
+    from infllm_eval.config import compose
+    from probes import plan_vs_peak
+
+    runner.run_cell(compose(["model=tiny-llama", "method=infllm", "task.lengths=[512]", "task.depths=[0.5]",
+                             "progress=false", f"output_dir={tmp_path}", *TINY[2:]]))
+    run_dir = tmp_path / "tiny-llama/infllm/passkey"
+    rows = plan_vs_peak.rows(run_dir)
+    assert len(rows) == 1 and rows[0]["length"] == 512
+    assert rows[0]["peak_gib"] > 0 and rows[0]["plan_gib"] > 0 and rows[0]["storage"] == "float32 memory"
+    plan_vs_peak.main([str(run_dir)])
+    assert "| infllm | 512 | 0.5 |" in capsys.readouterr().out
