@@ -335,7 +335,7 @@ def validate(cfg: DictConfig) -> None:
     from infllm_eval.layout import LOCAL_LAYERS
 
     _need(cfg.get("local_layers") in LOCAL_LAYERS, "local_layers", " or ".join(LOCAL_LAYERS), cfg.get("local_layers"))
-    for key in ("progress", "resume"):
+    for key in ("progress", "resume", "prefix_reuse"):
         _need(isinstance(cfg[key], bool), key, "true or false", cfg[key])
     timeout = cfg.get("sample_timeout_s")
     is_number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)

@@ -437,41 +437,70 @@ class Engine:
         for impl, layers in self.groups:
             getattr(impl, hook)(_layer_states(states, layers), *args)
 
+    # -- prefix reuse: the states after prompt[:c], kept and restored (`runner`'s prefix_reuse) ------------------
+    def snapshot(self, states: list) -> tuple:
+        """What `restore` needs to give back `states` as they are now, between two prefill chunks: each attention
+        group's snapshot of its layers' states (`snapshot_states`), and the token-nll carry."""
+        groups = self.attention_groups()
+        return [(layers, impl.snapshot_states(_layer_states(states, layers))) for impl, layers in groups], \
+            self._nll_carry
+
+    def restore(self, snap: tuple) -> list:
+        """Live states equal to those `snapshot` saw (the snapshot stays usable; see `restore_states`)."""
+        groups, self._nll_carry = snap
+        states = [None] * len(self.attn_of)
+        for (impl, _), (layers, s) in zip(self.attention_groups(), groups):
+            for i, st in zip(layers, impl.restore_states(s)):
+                states[i] = st
+        return states
+
     @torch.no_grad()
     def prefill(
         self, states: list, prompt: torch.Tensor, chunk_size: int, deadline: float | None = None,
-        on_chunk=None,
+        on_chunk=None, start: int = 0, snapshot_at: tuple[int, ...] = (), snapshots: dict | None = None,
     ) -> torch.Tensor:
         """Feeds prompt[:-1] in chunks, calls the method's `end_context`, then the last token alone; returns the
         logits after the prompt.
-        `on_chunk(start, end)`, if given, is called after each chunk (`bench` times the chunks with it)."""
+        `on_chunk(start, end)`, if given, is called after each chunk (`bench` times the chunks with it).
+        Prefix reuse: `states` already hold prompt[:start] (`start` a multiple of chunk_size, so the chunks are
+        the ones a fresh prefill cuts); after the chunk that ends at a position in `snapshot_at`,
+        `snapshots[position] = self.snapshot(states)`."""
         ids = prompt.view(1, -1).to(self.device)
         n = ids.shape[1]
-        for st in range(0, n - 1, chunk_size):
+        if start % chunk_size or not 0 <= start <= max(0, n - 1):
+            raise ValueError(f"prefill start {start} is not a chunk boundary of prompt[:-1] ({n - 1} tokens)")
+        for st in range(start, n - 1, chunk_size):
             _check_deadline(deadline)
-            self.forward(states, ids[:, st : min(st + chunk_size, n - 1)], st, logits=False)
+            end = min(st + chunk_size, n - 1)
+            self.forward(states, ids[:, st:end], st, logits=False)
+            if end in snapshot_at:
+                snapshots[end] = self.snapshot(states)
             if on_chunk is not None:
-                on_chunk(st, min(st + chunk_size, n - 1))
+                on_chunk(st, end)
         self._each_method("end_context", states)  # the context is in: a method's end-of-prompt point (base.py)
         return self.forward(states, ids[:, n - 1 :], n - 1, logits=True)
 
     @torch.no_grad()
     def generate(
         self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: int, stop_ids: list[int],
-        timeout_s: float | None = None, on_chunk=None,
+        timeout_s: float | None = None, on_chunk=None, resume: tuple[int, tuple] | None = None,
+        snapshot_at: tuple[int, ...] = (), snapshots: dict | None = None,
     ) -> Generation:
         """Greedy generation; raises SampleTimeout when `timeout_s` (None = no limit) runs out. `on_chunk(start,
         end)` is called after each prefill chunk (progress). The peak memory is this sample's: on CUDA the
         allocator's peak, on CPU the process's peak resident set since the sample started (where Linux can reset
-        it, else since the process started)."""
+        it, else since the process started). Prefix reuse: `resume` = (c, snapshot) starts from the states after
+        prompt[:c] (prefill_s then counts prompt[c:] only); `snapshot_at` / `snapshots` as in `prefill`."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             _reset_peak_rss()
-        states = self.new_states()
         t0 = time.perf_counter()
+        start, states = (0, self.new_states()) if resume is None else (resume[0], self.restore(resume[1]))
+        if resume is None:
+            self._nll_carry = None
         deadline = None if timeout_s is None else t0 + timeout_s
-        logits = self.prefill(states, prompt, chunk_size, deadline, on_chunk)
+        logits = self.prefill(states, prompt, chunk_size, deadline, on_chunk, start, snapshot_at, snapshots)
         self._sync()
         t1 = time.perf_counter()
         n = int(prompt.numel())

@@ -189,23 +189,98 @@ def _run(cfg: DictConfig, cell: Cell, lm, store: RunStore, target: RunTarget, sa
     state["saved"] = sum(k in done for k in keys)
     if state["saved"]:
         say.line(f"resuming: {state['saved']} of {len(specs)} samples finished before are reused")
-    records = []
+    by_key = {}
     ids = {"model": cfg.model.name, "method": cfg.method.name, "task": cfg.task.name}
+    pending = [(spec, key) for spec, key in zip(specs, keys) if key not in done]
+    plan = PrefixPlan.of(task, [spec for spec, _ in pending], int(cfg.chunk_size)) if cfg.prefix_reuse else None
     with say.bar(ids["task"], len(specs)) as tick:
         for spec, key in zip(specs, keys):
             if key in done:
-                records.append(done[key])
-            else:
-                rec = _run_sample(engine, task, cell.metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
-                                  timeout_s, say.prefill_progress(spec))
-                rec.update(ids, key=key, cell_key=cell_key)
-                with _writing(target.dir, state):
-                    store.append(rec)
-                state["new"] += rec["status"] == "ok"
-                records.append(rec)
-            tick(spec, records[-1], key in done)
+                by_key[key] = done[key]
+                tick(spec, done[key], True)
+        for i in (plan.order if plan else range(len(pending))):
+            spec, key = pending[i]
+            rec = _run_sample(engine, task, cell.metric, spec, stop_ids, lm.tokenizer, cfg.chunk_size,
+                              timeout_s, say.prefill_progress(spec), **(plan.run_args(i) if plan else {}))
+            rec.update(ids, key=key, cell_key=cell_key)
+            with _writing(target.dir, state):
+                store.append(rec)
+            state["new"] += rec["status"] == "ok"
+            by_key[key] = rec
+            tick(spec, rec, False)
     with _writing(target.dir, state):
-        return store.write_summary(records)
+        return store.write_summary([by_key[k] for k in keys])
+
+
+class PrefixPlan:
+    """`prefix_reuse`: the samples of a cell whose prompts start alike (a passkey grid: everything before the
+    needle) prefill their common start once. One sample, the trunk (the one sharing the most prompt with the
+    others), runs first and keeps the method's states after each chunk that ends where another sample's prompt
+    parts from it (`Engine.snapshot`, only at chunk boundaries: the resumed samples cut the same chunks a fresh
+    prefill cuts, so their outputs are identical); the others then resume from those states, longest shared
+    prefix first (so storage that only grows can be rewound). A sample's record says how many prompt tokens it
+    reused (`prefix_reused_tokens`; its prefill_s counts the rest). Prompts are compared as token ids, never
+    assumed: a sample that shares less than one chunk with the trunk runs alone."""
+
+    #: samples compared pairwise to choose the trunk (a larger cell is planned in groups of this many)
+    GROUP = 64
+
+    def __init__(self, order: list[int], resume_at: dict[int, int], trunks: dict[int, tuple[int, ...]],
+                 samples: dict):
+        self.order, self.resume_at, self.trunks, self.samples = order, resume_at, trunks, samples
+        self.snapshots: dict[int, dict] = {}  # per trunk: chunk end -> snapshot
+
+    @classmethod
+    def of(cls, task, specs: list[dict], chunk: int) -> "PrefixPlan":
+        import numpy as np
+
+        samples = {}
+        for i, spec in enumerate(specs):
+            try:
+                samples[i] = task.build(spec)
+            except Exception:  # noqa: BLE001 - the sample's own run records why it fails
+                pass
+        order, resume_at, trunks = [], {}, {}
+        for g0 in range(0, len(specs), cls.GROUP):
+            group = [i for i in range(g0, min(len(specs), g0 + cls.GROUP)) if i in samples]
+            ids = {i: samples[i].input_ids.view(-1).numpy() for i in group}
+
+            def lcp(a, b) -> int:
+                m = min(len(a), len(b))
+                diff = np.flatnonzero(a[:m] != b[:m])
+                return int(diff[0]) if len(diff) else m
+
+            shared = {i: {j: lcp(ids[i], ids[j]) for j in group if j != i} for i in group}
+            trunk = max(group, key=lambda i: sum(shared[i].values()), default=None)
+            at = {}
+            for j in group:
+                if j != trunk:
+                    c = min(shared[trunk][j], len(ids[j]) - 1, len(ids[trunk]) - 1) // chunk * chunk
+                    if c > 0:
+                        at[j] = c
+            if trunk is not None:
+                order.append(trunk)
+                trunks[trunk] = tuple(sorted(set(at.values())))
+                resume_at.update({j: (trunk, c) for j, c in at.items()})
+            order += sorted(at, key=lambda j: -at[j]) + [j for j in group if j != trunk and j not in at]
+        order += [i for i in range(len(specs)) if i not in samples]
+        return cls(order, resume_at, trunks, samples)
+
+    def run_args(self, i: int) -> dict:
+        """`_run_sample`'s keyword arguments for pending sample i: its built sample, what it resumes from, and (for
+        a trunk) where to keep snapshots."""
+        args = {"sample": self.samples.get(i)}
+        if i in self.trunks:
+            self.snapshots[i] = {}
+            args.update(snapshot_at=self.trunks[i], snapshots=self.snapshots[i])
+        if i in self.resume_at:
+            trunk, c = self.resume_at[i]
+            snap = self.snapshots.get(trunk, {}).get(c)
+            if snap is not None:  # (a trunk that failed before position c kept none: the sample runs alone)
+                args["resume"] = (c, snap)
+            for later in [p for p in self.snapshots.get(trunk, {}) if p > c]:
+                del self.snapshots[trunk][later]  # longest first: no later sample needs them
+        return args
 
 
 @contextmanager
@@ -281,22 +356,28 @@ def _say_interrupted(run_dir: Path, state: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None, progress=None) -> dict:
-    """One sample, recorded whatever happens. `progress(done, total)`, if given, hears the prefill's progress."""
+def _run_sample(engine, task, metric, spec, stop_ids, tokenizer, chunk_size, timeout_s=None, progress=None,
+                sample=None, resume=None, snapshot_at=(), snapshots=None) -> dict:
+    """One sample, recorded whatever happens. `progress(done, total)`, if given, hears the prefill's progress.
+    `sample`: the sample already built (prefix reuse), else built here; `resume`, `snapshot_at`, `snapshots`:
+    `Engine.generate`'s (`PrefixPlan`)."""
     rec = {"sample_id": spec["sample_id"], "length": spec.get("length"), "depth": spec.get("depth"),
            "n_input_tokens": None, "truncated": False, "n_dropped": 0, "prediction": None, "answers": None,
            "score": None, "status": "ok", "error": None, "prefill_s": None, "decode_s": None,
            "new_tokens": 0, "stopped_by": None, "peak_mem_bytes": None, "finished_at": None}
     t_start = time.perf_counter()
     try:
-        sample = task.build(spec)
+        sample = task.build(spec) if sample is None else sample
         rec.update(n_input_tokens=sample.n_input_tokens, truncated=sample.truncated, n_dropped=sample.n_dropped,
                    answers=sample.answers, meta=sample.meta,
                    score_fields=sample.score_fields or None)
         total = int(sample.input_ids.numel())
-        on_chunk = None if progress is None else (lambda st, end: progress(end, total))
+        first = 0 if resume is None else resume[0]
+        on_chunk = None if progress is None else (lambda st, end: progress(end, total, first))
         g = engine.generate(sample.input_ids, task.max_new_tokens, chunk_size, stop_ids, timeout_s=timeout_s,
-                            on_chunk=on_chunk)
+                            on_chunk=on_chunk, resume=resume, snapshot_at=snapshot_at, snapshots=snapshots)
+        if resume is not None or snapshot_at:
+            rec["prefix_reused_tokens"] = 0 if resume is None else resume[0]
         pred = tokenizer.decode(g.tokens, skip_special_tokens=False)
         rec.update(prediction=pred, score=float(metric(pred, sample.answers, **sample.score_fields)),
                    prefill_s=round(g.prefill_s, 4), decode_s=round(g.decode_s, 4), new_tokens=len(g.tokens), stopped_by=g.stopped_by,
@@ -334,7 +415,7 @@ class _Feedback:
         self._progress: Progress | None = None
 
     def prefill_progress(self, spec: dict):
-        """For a long sample (spec's length >= PREFILL_PROGRESS_TOKENS): a callback `(done, total)` for its
+        """For a long sample (spec's length >= PREFILL_PROGRESS_TOKENS): a callback `(done, total, first)` for its
         prefill, shown as a second bar with its ETA on a terminal, or as a plain line at most every
         PREFILL_LINE_S seconds (tokens, share, tokens/s, ETA); None otherwise."""
         if not self.enabled or int(spec.get("length") or 0) < self.PREFILL_PROGRESS_TOKENS:
@@ -344,7 +425,7 @@ class _Feedback:
         if self.tty and self._progress is not None:
             prog, job = self._progress, [None]
 
-            def bar(done: int, total: int) -> None:
+            def bar(done: int, total: int, first: int = 0) -> None:
                 if job[0] is None:
                     job[0] = prog.add_task(name, total=total, length="")
                 prog.update(job[0], completed=done, length=f"{done:,} tok")
@@ -353,12 +434,13 @@ class _Feedback:
 
             return bar
 
-        def line(done: int, total: int) -> None:
+        def line(done: int, total: int, first: int = 0) -> None:
+            """`first`: tokens reused from another sample's prefix (prefix_reuse), not prefilled here."""
             now = time.perf_counter() - t0
             if now - last[0] < self.PREFILL_LINE_S and done < total - 1:
                 return
             last[0] = now
-            rate = done / now if now > 0 else 0.0
+            rate = (done - first) / now if now > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else float("nan")
             print(f"  {name}: {done:,} / {total:,} tokens prefilled ({100 * done / total:.1f} %, {rate:.0f} tok/s, "
                   f"{now:.0f} s, ETA {eta:.0f} s)", file=sys.stderr, flush=True)

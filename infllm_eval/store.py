@@ -204,7 +204,7 @@ def summarize(records: list[dict]) -> pd.DataFrame:
             "input_tokens": _int_or_none(g["n_input_tokens"].mean()),
             "prefill_s": round(ok["prefill_s"].mean(), 3) if len(ok) else float("nan"),
             "decode_s": round(ok["decode_s"].mean(), 3) if len(ok) else float("nan"),
-            "prefill_tok_s": round((ok["n_input_tokens"] / ok["prefill_s"]).mean(), 1) if len(ok) else float("nan"),
+            "prefill_tok_s": round((_prefilled(ok) / ok["prefill_s"]).mean(), 1) if len(ok) else float("nan"),
             "peak_mem_mb": round(g["peak_mem_bytes"].max() / 2**20, 1) if g["peak_mem_bytes"].notna().any()
             else float("nan"),
         })
@@ -232,6 +232,13 @@ class SamplesFile:
     records: list[dict]
     bad_lines: list[int]  # 1-based numbers of lines that are not a JSON object (corrupt, or the torn last line)
     torn: bool  # the last line is unterminated: its writer was killed mid-line (or is still writing it)
+
+
+def _prefilled(ok: pd.DataFrame) -> pd.Series:
+    """Prompt tokens each sample prefilled itself: all of them, less those it reused from another sample's prefix
+    (`prefix_reused_tokens`, prefix_reuse) whose time its prefill_s does not hold."""
+    reused = ok["prefix_reused_tokens"].fillna(0) if "prefix_reused_tokens" in ok else 0
+    return ok["n_input_tokens"] - reused
 
 
 def read_samples(samples_path: Path) -> SamplesFile:

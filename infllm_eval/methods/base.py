@@ -13,6 +13,7 @@ keeps at a context length, for `plan` and `bench` (no model needed).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -208,6 +209,20 @@ class ContextMethod:
         """How many keys the query at absolute position p attends to (the attention work this method does)."""
         return p + 1
 
+    # -- prefix reuse (`prefix_reuse`): the states after a prompt prefix, kept and restored ------------------------
+    def snapshot_states(self, states: list) -> Any:
+        """What `restore_states` needs to give back the states of this method's layers as they are now (called
+        between prefill chunks, before `end_context`). Default: one deep copy of them all (right for any state,
+        objects the layers share stay shared; costly for a long one); a method whose long-lived storage only grows
+        overrides it to keep a length instead of a copy (InfLLM, full attention)."""
+        return copy.deepcopy(states)
+
+    def restore_states(self, snap: Any) -> list:
+        """Live states equal to those `snapshot_states` saw; the snapshot stays usable (several samples may
+        restore it). Restores come in non-increasing prefix length after the snapshots were taken, so storage that
+        only grows may be rewound: what a restored state writes lies beyond every later restore's prefix."""
+        return copy.deepcopy(snap)
+
     def memory_stats(self, states: list) -> dict[str, Any]:
         """What the method stored in this sample, for its record (`memory`); {} records nothing."""
         return {}
@@ -280,6 +295,12 @@ class KVBuffer:
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.len], self.v[:, :, : self.len]
+
+    def rewind(self, n: int) -> "KVBuffer":
+        """Back to the first n tokens (written once, never changed: prefix reuse); later appends overwrite the rest."""
+        assert 0 <= n <= self.len
+        self.len = n
+        return self
 
     def nbytes(self) -> int:
         return 2 * self.len * self.k[:, :, :1].numel() * self.k.element_size()

@@ -33,6 +33,13 @@ class FullAttention(ContextMethod):
                                        softcap=self.softcap)
         return out
 
+    def snapshot_states(self, states: list) -> list:
+        """Each layer's key/value buffer and its length: it only grows (prefix reuse rewinds it)."""
+        return [(st["kv"], 0 if st["kv"] is None else st["kv"].len) for st in states]
+
+    def restore_states(self, snap: list) -> list:
+        return [{"kv": None if kv is None else kv.rewind(n)} for kv, n in snap]
+
     def memory_model(self, length: int, chunk: int, device: str) -> dict[str, int]:
         """Every token's K/V on the device; a query tile is scored against all of them."""
         return {"device_tokens": length, "host_tokens": 0, "workspace_keys": length}

@@ -184,6 +184,30 @@ class InfLLM(ContextMethod):
     def new_state(self, layer_idx: int) -> dict:
         return {"layer": layer_idx, "rem": None, "units": None, "init_len": 0, "init_k": None, "init_v": None}
 
+    def snapshot_states(self, states: list) -> list:
+        """Prefix reuse: each layer's window / remainder copied (it changes in place), its units as a count
+        (written once, never changed: `UnitStore.rewind`), its initial tokens by reference (replaced, never
+        changed in place)."""
+        snaps = []
+        for state in states:
+            snap = dict(state)
+            if state["rem"] is not None:
+                snap["rem"], snap["units"] = state["rem"].copy(), (state["units"], state["units"].n)
+            snaps.append(snap)
+        return snaps
+
+    def restore_states(self, snap: list) -> list:
+        states = []
+        for s in snap:
+            state = dict(s)
+            if s["rem"] is not None:
+                units, n = s["units"]
+                units.rewind(n)
+                state["rem"], state["units"] = s["rem"].copy(), units
+                state["rem"].before_overwrite = units.settle_writes
+            states.append(state)
+        return states
+
     # -- one forward call ---------------------------------------------------------------------------------------
     def attend(self, state: dict, q, k, v, pos, out=None):
         L = q.shape[2]

@@ -182,6 +182,19 @@ class SlidingKV:
         self.off += p - self.start
         self.start = p
 
+    def copy(self) -> "SlidingKV":
+        """An independent copy holding the kept tokens (and their scores) only, in buffers of the same capacity;
+        `before_overwrite` is not carried (the owner sets it)."""
+        new = object.__new__(SlidingKV)
+        used = self.end - self.start
+        for name in ("k", "v", "score"):
+            old = getattr(self, name)
+            buf = _buffer(tuple(old.shape), old.dtype, old.device)
+            buf[:, :, :used] = old[:, :, self.off : self.off + used]
+            setattr(new, name, buf)
+        new.off, new.start, new.end, new.before_overwrite = 0, self.start, self.end, None
+        return new
+
 
 class UnitStore:
     """Memory units of one layer: each unit's K and V [B, H_kv, block_size, D] in slabs of `slab_units` units (in
@@ -260,6 +273,19 @@ class UnitStore:
             self._repr = new
         self._repr[self.n] = rep
         self.n += 1
+
+    def rewind(self, n: int) -> None:
+        """Back to the first `n` units (prefix reuse: units are written once and never changed, so the first n are
+        what they were when n had been stored); later `add`s overwrite the units after them. Slabs beyond the n
+        units' are dropped, and the device cache forgets every unit (it changes speed, never outputs)."""
+        assert 0 <= n <= self.n, (n, self.n)
+        self.n = n
+        keep = -(-n // self.slab_units)
+        del self.slabs[keep:]
+        del self.files[keep:]
+        self.slot_of.clear()
+        self.value.clear()
+        self.staged = None
 
     @property
     def reprs(self) -> torch.Tensor:
