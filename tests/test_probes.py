@@ -89,3 +89,14 @@ def test_plan_vs_peak_puts_the_estimate_beside_each_sample(tmp_path, capsys):
     assert rows[0]["peak_gib"] > 0 and rows[0]["plan_gib"] > 0 and rows[0]["storage"] == "float32 memory"
     plan_vs_peak.main([str(run_dir)])
     assert "| infllm | 512 | 0.5 |" in capsys.readouterr().out
+
+
+def test_full_vs_peer_times_three_runners_and_puts_the_kernel_back(capsys):
+    from infllm_eval.methods import kernels
+    from probes import full_vs_peer
+
+    before = kernels._causal_flash
+    full_vs_peer.main(["300", "64", "1", "model=tiny-llama"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines] == ["peer", "full", "full-tiled"] and all("tok/s" in x for x in lines)
+    assert kernels._causal_flash is before
