@@ -192,7 +192,8 @@ class InfLLM(ContextMethod):
         for state in states:
             snap = dict(state)
             if state["rem"] is not None:
-                snap["rem"], snap["units"] = state["rem"].copy(), (state["units"], state["units"].n)
+                cap = state["rem"].k.shape[2]  # the kept tokens only, in the snapshot; its capacity back on restore
+                snap["rem"], snap["units"] = (state["rem"].copy("kept"), cap), (state["units"], state["units"].n)
             snaps.append(snap)
         return snaps
 
@@ -203,7 +204,8 @@ class InfLLM(ContextMethod):
             if s["rem"] is not None:
                 units, n = s["units"]
                 units.rewind(n)
-                state["rem"], state["units"] = s["rem"].copy(), units
+                rem, cap = s["rem"]
+                state["rem"], state["units"] = rem.copy(cap), units
                 state["rem"].before_overwrite = units.settle_writes
             states.append(state)
         return states

@@ -182,14 +182,16 @@ class SlidingKV:
         self.off += p - self.start
         self.start = p
 
-    def copy(self) -> "SlidingKV":
-        """An independent copy holding the kept tokens (and their scores) only, in buffers of the same capacity;
-        `before_overwrite` is not carried (the owner sets it)."""
+    def copy(self, capacity: "int | str | None" = None) -> "SlidingKV":
+        """An independent copy holding the kept tokens (and their scores) only, in buffers of `capacity` tokens
+        (None: the same capacity; "kept": just the kept tokens, for a snapshot); `before_overwrite` is not carried (the
+        owner sets it)."""
         new = object.__new__(SlidingKV)
         used = self.end - self.start
+        cap = max(used, 1) if capacity == "kept" else (capacity or self.k.shape[2])
         for name in ("k", "v", "score"):
             old = getattr(self, name)
-            buf = _buffer(tuple(old.shape), old.dtype, old.device)
+            buf = _buffer((*old.shape[:2], max(cap, used), *old.shape[3:]), old.dtype, old.device)
             buf[:, :, :used] = old[:, :, self.off : self.off + used]
             setattr(new, name, buf)
         new.off, new.start, new.end, new.before_overwrite = 0, self.start, self.end, None
