@@ -15,6 +15,8 @@ per layer, C = min(chunk_size, length), T = length + max_new_tokens):
 - workspace of one layer: the fp32 score tile (n_heads * q_tile * the keys the method scores a tile against
   * 4; q_tile is `method.params.q_tile`, the value the method runs with) plus the chunk's activations (q/k/v/o
   and the MLP: C * (2 * hidden + (n_heads + 2 n_kv_heads) * head_dim + 3 * intermediate) * b).
+- runtime: the process's own memory (Python, torch, transformers, tokenizer), `plan.runtime_gb` in
+  conf/tools.yaml (measured), in host memory.
 On CPU, host and device are the same memory, so the peak is the sum. These are estimates (allocator slack and
 framework overhead are not counted): good for "does it fit", not for the last gigabyte. The model's shape
 comes from a cached config.json (model.path or the local Hugging Face cache, never a download), else
@@ -158,6 +160,7 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
     work += C * (2 * s["hidden_size"] + (H + 2 * Hkv) * D + 3 * s["intermediate_size"]) * b
     work += s["vocab_size"] * 4
     weights = n_params(s) * b
+    runtime = int(float(tool_defaults("plan").get("runtime_gb") or 0) * 1e9)
     return {
         "dtype": dtype,
         "weights": weights,
@@ -165,7 +168,8 @@ def estimate(cfg: DictConfig, length: int, device: str) -> dict:
         "kv_host": kv["host"],
         "kv_disk": kv["disk"],
         "workspace": work,
-        "peak": weights + kv["device"] + work + (kv["host"] if device == "cpu" else 0),
+        "runtime": runtime,
+        "peak": weights + kv["device"] + work + (kv["host"] + runtime if device == "cpu" else 0),
     }
 
 
@@ -271,7 +275,7 @@ def plan_cells(cells: list[list[str]], budget_gb: float | None = None,
         for length in lengths:
             n = per if not shard else len(range(shard[0], per, shard[1]))
             e = estimate(cfg, length, device)
-            host = e["peak"] if device == "cpu" else e["kv_host"]  # on CPU the device memory is host memory
+            host = e["peak"] if device == "cpu" else e["kv_host"] + e["runtime"]  # on CPU device memory is host
             fits_disk = disk_free is None or e["kv_disk"] <= disk_free
             rows.append(
                 {
