@@ -197,3 +197,22 @@ def test_per_sample_peak_is_the_samples_own():
     spike.close()
     assert _reset_peak_rss()
     assert _peak_rss_bytes() < high - 32 * 2**20
+
+
+def test_release_covers_the_kernels_fault_around_window_on_a_map_not_aligned_to_it(tmp_path):
+    """A read fault maps the cached pages of the 64 KiB-aligned (virtual address) window around it; a map is only
+    page-aligned, so `release` must widen by addresses, not by offsets into the map (seen: a third of the units
+    read stayed resident in a 128K run when it widened by offsets)."""
+    slabs = [FileSlab((4 * 65536 + 4096 * (i + 1),), torch.uint8, str(tmp_path)) for i in range(16)]
+    slab = next((s for s in slabs if s.tensor.data_ptr() % FileSlab.FAULT_AROUND), None)
+    if slab is None:
+        pytest.skip("every map happened to start on a fault-around boundary")
+    n = slab.tensor.numel()
+    slab.tensor.fill_(1)  # every page written: in the page cache, so a read fault maps its neighbours
+    slab.release(0, n)
+    shift = slab.tensor.data_ptr() % FileSlab.FAULT_AROUND
+    for at in range(65536, n - 65536, 65536):  # read one byte inside each window, then release that byte
+        assert int(slab.tensor[at - shift + 100]) == 1
+        slab.release(at - shift + 100, at - shift + 101)
+    mine = [rss for size, rss in _mapped(tmp_path) if size == n]
+    assert mine == [0], mine

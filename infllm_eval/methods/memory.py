@@ -85,9 +85,11 @@ class FileSlab:
         self.tensor = _frombuffer(self.map, shape, dtype)
 
     def release(self, start: int, end: int) -> None:
-        """Bytes [start, end) widened to FAULT_AROUND alignment (within the map) leave the resident set."""
-        a = start // self.FAULT_AROUND * self.FAULT_AROUND
-        b = min(-(-end // self.FAULT_AROUND) * self.FAULT_AROUND, len(self.map) // self.PAGE * self.PAGE)
+        """Bytes [start, end) widened to FAULT_AROUND alignment of their virtual addresses (the kernel aligns its
+        fault-around window there; the map itself is only page-aligned) leave the resident set."""
+        base, fa = self.tensor.data_ptr(), self.FAULT_AROUND
+        a = max(0, (base + start) // fa * fa - base)
+        b = min(-(-(base + end) // fa) * fa - base, len(self.map) // self.PAGE * self.PAGE)
         if b > a:
             self.map.madvise(mmap.MADV_DONTNEED, a, b - a)
 
