@@ -225,7 +225,8 @@ class PrefixPlan:
     #: samples compared pairwise to choose the trunk (a larger cell is planned in groups of this many)
     GROUP = 64
 
-    def __init__(self, order: list[int], resume_at: dict[int, int], trunks: dict[int, tuple[int, ...]],
+    def __init__(self, order: list[int], resume_at: dict[int, tuple[int, int]],
+                 trunks: dict[int, tuple[int, ...]],
                  samples: dict):
         self.order, self.resume_at, self.trunks, self.samples = order, resume_at, trunks, samples
         self.snapshots: dict[int, dict] = {}  # per trunk: chunk end -> snapshot
@@ -250,7 +251,10 @@ class PrefixPlan:
                 diff = np.flatnonzero(a[:m] != b[:m])
                 return int(diff[0]) if len(diff) else m
 
-            shared = {i: {j: lcp(ids[i], ids[j]) for j in group if j != i} for i in group}
+            shared = {i: {} for i in group}
+            for x, i in enumerate(group):  # each pair once: the shared start is symmetric
+                for j in group[x + 1 :]:
+                    shared[i][j] = shared[j][i] = lcp(ids[i], ids[j])
             trunk = max(group, key=lambda i: sum(shared[i].values()), default=None)
             at = {}
             for j in group:
